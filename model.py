@@ -1,0 +1,674 @@
+"""
+GigaTok in one file: the tokenizer (CNN encoder -> Q-Former -> VQ -> Q-Former -> CNN decoder), the LPIPS
+network and PatchGAN discriminator used to train it, and the LlamaGen-style AR model trained on its tokens.
+
+Paper: "GigaTok: Scaling Visual Tokenizers to 3 Billion Parameters for Autoregressive Image Generation"
+(arXiv 2504.08736). The math follows the official code, so that its released checkpoints load into these
+modules (see load_tokenizer / load_gpt at the end). Where the paper and the code differ, we follow the code.
+
+Layout conventions: images are (B, 3, H, W) in [-1, 1]; CNN feature maps are (B, C, h, w); transformer
+sequences are batch-first (B, L, C); latent tokens are (B, N, C).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantizer import VectorQuantizer
+
+# -----------------------------------------------------------------------------------------------------------
+# Configuration
+
+# width, depth, heads of the Q-Former / ViT sizes (paper Table 1; official ViTEncoder). 'toy' is ours.
+TRANSFORMER_SIZES = {
+    "toy": (128, 3, 4),
+    "tiny": (256, 4, 4),
+    "small": (512, 6, 8),       # S
+    "base": (768, 12, 12),      # B
+    "large": (1024, 24, 16),    # L
+    "xl": (1280, 36, 20),       # XL
+    "xxl": (1536, 48, 24),      # XXL
+}
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 256            # input resolution (square)
+    kind: str = "1d"                 # "1d": Q-Former with 1D latent tokens; "2d": ViT on the 2D grid
+    encoder_size: str = "small"      # transformer encoder size, a key of TRANSFORMER_SIZES
+    decoder_size: str = "small"      # transformer decoder size; the paper scales it more than the encoder
+    layer_type: str = "detr"         # 2D only: "detr" (DETR decoder layer, S-S) or "vit" (plain pre-norm, S-B, B-L)
+    num_latent_tokens: int = 256     # 1D only: number of latent tokens N (a power of two, <= 2 * grid**2)
+    ch: int = 128                    # CNN base channels
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # CNN channel multipliers; downsample factor = 2 ** (len - 1) = 16
+    num_res_blocks: int = 2          # residual blocks per CNN encoder level (decoder: one more)
+    z_channels: int = 256            # channels between the CNN and the transformers
+    codebook_size: int = 16384       # K codes ...
+    codebook_dim: int = 8            # ... of dimension d, l2-normalized
+    beta: float = 0.25               # commitment loss weight
+    entropy_weight: float = 0.0      # entropy loss weight (0.005 for XL-XXL, Sec. 3.3)
+    entropy_temperature: float = 0.01
+    rotation_trick: bool = True      # rotation trick gradients (on in all released tokenizers)
+    teacher_dim: int = 768           # semantic regularization target width (DINOv2-B: 768); 0 = no MLP head
+    distill_depth: int = 3           # decoder layer whose output is aligned to the teacher (Sec. 3.2, l = 3)
+    dropout: float = 0.0
+
+    @property
+    def grid(self):  # side of the CNN feature grid = of the decoder's 2D queries = of the teacher's patch grid
+        return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def num_tokens(self):  # code sequence length
+        return self.num_latent_tokens if self.kind == "1d" else self.grid ** 2
+
+
+def _preset(enc, dec, kind="1d", **kw):
+    layer_type = "vit" if kind == "2d" and (enc, dec) != ("small", "small") else "detr"
+    return TokenizerConfig(encoder_size=enc, decoder_size=dec, kind=kind, layer_type=layer_type, **kw)
+
+
+# Every configuration of the paper (Tables 2 and 9), named as the user types it, with the official counts.
+TOKENIZER_PRESETS = {
+    # ours: a CPU toy with the same architecture and smaller numbers (64x64 images, 64 tokens, 8x8 grid)
+    "toy": TokenizerConfig(image_size=64, encoder_size="toy", decoder_size="toy", num_latent_tokens=64, ch=32,
+                           ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, codebook_size=1024,
+                           teacher_dim=384),                            # teacher: DINOv2-S/14
+    "s-s": _preset("small", "small"),                                   # 136.07M
+    "s-b": _preset("small", "base"),                                    # 232.40M
+    "s-l": _preset("small", "large"),                                   # 532.85M
+    "b-l": _preset("base", "large"),                                    # 621.64M
+    "xl-xxl": _preset("xl", "xxl", entropy_weight=0.005),               # 2893.97M (paper: 2.9B)
+    "s-s-2d": _preset("small", "small", kind="2d"),                     # 135.55M
+    "s-b-2d": _preset("small", "base", kind="2d"),                      # 197.13M
+    "b-l-2d": _preset("base", "large", kind="2d", entropy_weight=0.005),  # 491.41M
+}
+
+# -----------------------------------------------------------------------------------------------------------
+# CNN encoder and decoder (official Encoder / Decoder, no attention anywhere)
+
+
+def Normalize(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero-padding right and bottom only (asymmetric, as the official code)."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+def depth_to_space(x, block=2):
+    """(B, b*b*C, H, W) -> (B, C, b*H, b*W), the official DCR order: channel index = (i*b + j)*C + c goes to
+    output pixel (b*h + i, b*w + j). F.pixel_shuffle uses c*b*b + i*b + j instead; the weights need this one."""
+    B, C4, H, W = x.shape
+    x = x.view(B, block, block, C4 // block ** 2, H, W)  # (B, i, j, C, H, W)
+    x = x.permute(0, 3, 4, 1, 5, 2)                      # (B, C, H, i, W, j)
+    return x.reshape(B, C4 // block ** 2, H * block, W * block)
+
+
+class Upsample(nn.Module):
+    """3x3 conv to 4C channels, then depth-to-space: a learned 2x upsampling."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 4 * c, 3, padding=1)
+
+    def forward(self, x):
+        return depth_to_space(self.conv(x))
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GroupNorm without affine, whose scale and shift are predicted from the channel statistics of the
+    decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z))."""
+    def __init__(self, z_channels, c):
+        super().__init__()
+        self.gn = nn.GroupNorm(32, c, eps=1e-6, affine=False)
+        self.gamma, self.beta = nn.Linear(z_channels, c), nn.Linear(z_channels, c)
+
+    def forward(self, h, z):
+        z = z.flatten(2)                                       # (B, Cz, h*w)
+        std = (z.var(dim=-1) + 1e-6).sqrt()                    # unbiased variance, as torch's default in the official code
+        return self.gamma(std)[..., None, None] * self.gn(h) + self.beta(z.mean(-1))[..., None, None]
+
+
+class CNNEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, mult = cfg.ch, cfg.ch_mult
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = ch
+        for i, m in enumerate(mult):
+            level = nn.Module()
+            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, cfg.dropout)
+                                      for j in range(cfg.num_res_blocks))
+            cin = ch * m
+            level.downsample = Downsample(cin) if i < len(mult) - 1 else nn.Identity()
+            self.down.append(level)
+        self.mid = nn.Sequential(ResnetBlock(cin, cin, cfg.dropout), ResnetBlock(cin, cin, cfg.dropout))
+        self.norm_out = Normalize(cin)
+        self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):                # (B, 3, H, W) -> (B, z_channels, H/16, W/16)
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.res:
+                h = block(h)
+            h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class CNNDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, mult = cfg.ch, cfg.ch_mult
+        cin = ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = nn.Sequential(ResnetBlock(cin, cin, cfg.dropout), ResnetBlock(cin, cin, cfg.dropout))
+        self.up = nn.ModuleList()
+        for i, m in enumerate(reversed(mult)):
+            level = nn.Module()
+            level.adaptive = AdaptiveGroupNorm(cfg.z_channels, cin)
+            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, cfg.dropout)
+                                      for j in range(cfg.num_res_blocks + 1))
+            cin = ch * m
+            level.upsample = Upsample(cin) if i < len(mult) - 1 else nn.Identity()
+            self.up.append(level)
+        self.norm_out = Normalize(cin)
+        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z):                # (B, z_channels, h, w) -> (B, 3, 16h, 16w)
+        h = self.mid(self.conv_in(z))
+        for level in self.up:
+            h = level.adaptive(h, z)
+            for block in level.res:
+                h = block(h)
+            h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+# -----------------------------------------------------------------------------------------------------------
+# Transformer layers (torch's nn.MultiheadAttention, as the official code, so the weights map one to one)
+
+
+class QFormerLayer(nn.Module):
+    """DETR's pre-norm decoder layer: self-attention over the queries, cross-attention from the queries to a
+    fixed memory, MLP. Positional embeddings are added to queries and keys, never to values."""
+    def __init__(self, width, heads, dropout=0.0):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
+        self.norm2, self.cross_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
+        self.norm3 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+
+    def forward(self, q, memory, q_pos, mem_pos):   # q (B, Lq, C), memory (B, Lm, C)
+        t = self.norm1(q)
+        q = q + self.self_attn(t + q_pos, t + q_pos, t, need_weights=False)[0]
+        t = self.norm2(q)
+        q = q + self.cross_attn(t + q_pos, memory + mem_pos, memory, need_weights=False)[0]
+        return q + self.mlp(self.norm3(q))
+
+
+class ViTLayer(nn.Module):
+    """The standard pre-norm transformer layer (used by the 2D S-B and B-L tokenizers)."""
+    def __init__(self, width, heads, dropout=0.0):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        t = self.norm1(x)
+        x = x + self.self_attn(t, t, t, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def multi_level_pool(x, n):
+    """The 1D Q-Former's query init (official multi-level average pooling). x: (B, C, g, g) -> (B, n, C).
+    Groups of 1, 1, 2, 4, ..., n/2 tokens: group 0 is the global mean, and group i >= 1 average-pools the grid
+    into 2^(i-1) blocks, splitting the width first (1x1, 1x1, 1x2, 2x2, 2x4, ...), each flattened row-major.
+    So the token sequence runs coarse to fine, and the AR model later predicts it in that order."""
+    levels = round(math.log2(n))
+    assert 2 ** levels == n, f"num_latent_tokens must be a power of two, got {n}"
+    groups = []
+    for i in range(levels + 1):
+        level = max(i - 1, 0)
+        hb, wb = 2 ** (level // 2), 2 ** ((level + 1) // 2)          # blocks along height and width
+        assert x.shape[2] % hb == 0 and x.shape[3] % wb == 0, \
+            f"{n} latent tokens need a grid divisible into {hb}x{wb} blocks, got {tuple(x.shape[2:])}"
+        kh, kw = x.shape[2] // hb, x.shape[3] // wb
+        groups.append(F.avg_pool2d(x, (kh, kw)).flatten(2).transpose(1, 2))
+    return torch.cat(groups, dim=1)
+
+
+def semantic_mlp(width, out_dim):
+    """The semantic-regularization head: 3-layer SiLU MLP from decoder width to the teacher's width."""
+    return nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, 4 * width), nn.SiLU(),
+                         nn.Linear(4 * width, out_dim))
+
+
+class QFormerEncoder(nn.Module):
+    """CNN features (B, z, g, g) -> N latent tokens (B, N, z). The image tokens are embedded once (LN + Linear)
+    and stay fixed as cross-attention memory; only the N queries evolve through the layers."""
+    def __init__(self, cfg):
+        super().__init__()
+        w, depth, heads = TRANSFORMER_SIZES[cfg.encoder_size]
+        G, N = cfg.grid ** 2, cfg.num_latent_tokens
+        self.ln_pre, self.embed = nn.LayerNorm(cfg.z_channels), nn.Linear(cfg.z_channels, w)
+        self.pos_image = nn.Parameter(w ** -0.5 * torch.randn(G, w))   # for the image-token keys
+        self.pos_query = nn.Parameter(w ** -0.5 * torch.randn(N, w))   # for the latent queries
+        self.query_proj = nn.Linear(w, w)
+        self.layers = nn.ModuleList(QFormerLayer(w, heads, cfg.dropout) for _ in range(depth))
+        self.ln_post, self.proj_out = nn.LayerNorm(w), nn.Linear(w, cfg.z_channels)
+        self.num_latent_tokens = N
+
+    def forward(self, s):
+        B, C, g, _ = s.shape
+        x = self.embed(self.ln_pre(s.flatten(2).transpose(1, 2)))                      # (B, g*g, w)
+        q = self.query_proj(multi_level_pool(x.transpose(1, 2).reshape(B, -1, g, g), self.num_latent_tokens))
+        for layer in self.layers:
+            q = layer(q, x, self.pos_query, self.pos_image)
+        return self.proj_out(self.ln_post(q))                                            # (B, N, z)
+
+
+class QFormerDecoder(nn.Module):
+    """N latent tokens (B, N, z) -> CNN-decoder input (B, z, g, g). The g*g 2D queries all start as latent token 0
+    (the official code takes token 0, the slot seeded from the global mean); spatial identity comes from their
+    learned positional embedding alone. After layer `distill_depth` the queries go through the semantic head."""
+    def __init__(self, cfg):
+        super().__init__()
+        w, depth, heads = TRANSFORMER_SIZES[cfg.decoder_size]
+        G, N = cfg.grid ** 2, cfg.num_latent_tokens
+        self.ln_pre, self.embed = nn.LayerNorm(cfg.z_channels), nn.Linear(cfg.z_channels, w)
+        self.pos_query = nn.Parameter(w ** -0.5 * torch.randn(G, w))   # 2D queries, row-major grid order
+        self.pos_latent = nn.Parameter(w ** -0.5 * torch.randn(N, w))  # latent-token keys
+        self.layers = nn.ModuleList(QFormerLayer(w, heads, cfg.dropout) for _ in range(depth))
+        self.semantic_head = semantic_mlp(w, cfg.teacher_dim) if cfg.teacher_dim else None
+        self.ln_post, self.conv_out = nn.LayerNorm(w), nn.Conv2d(w, cfg.z_channels, 3, padding=1)
+        self.grid, self.distill_depth = cfg.grid, cfg.distill_depth
+
+    def forward(self, tokens, features=False):
+        B, N, _ = tokens.shape
+        x = self.embed(self.ln_pre(tokens))                                              # (B, N, w)
+        q = x[:, :1].expand(B, self.grid ** 2, -1)                                       # (B, g*g, w)
+        feat = None
+        for i, layer in enumerate(self.layers):
+            q = layer(q, x, self.pos_query, self.pos_latent)
+            if features and i + 1 == self.distill_depth:
+                feat = q
+        out = self.ln_post(q).transpose(1, 2).reshape(B, -1, self.grid, self.grid)
+        return self.conv_out(out), feat
+
+
+class ViTEncoder2D(nn.Module):
+    """The 2D variant's transformer: the g*g embedded CNN tokens themselves are refined and quantized.
+    With layer_type "detr" each layer is the DETR layer with the current tokens as both queries and memory;
+    with "vit" the positional embedding is added once and the layers are plain pre-norm blocks."""
+    def __init__(self, cfg, size, out_conv3x3=False):
+        super().__init__()
+        w, depth, heads = TRANSFORMER_SIZES[size]
+        self.ln_pre, self.embed = nn.LayerNorm(cfg.z_channels), nn.Linear(cfg.z_channels, w)
+        self.pos = nn.Parameter(w ** -0.5 * torch.randn(cfg.grid ** 2, w))
+        self.layer_type = cfg.layer_type
+        layer = QFormerLayer if cfg.layer_type == "detr" else ViTLayer
+        self.layers = nn.ModuleList(layer(w, heads, cfg.dropout) for _ in range(depth))
+        self.ln_post = nn.LayerNorm(w)
+        self.grid, self.distill_depth = cfg.grid, cfg.distill_depth
+
+    def run(self, tokens, features=False):  # (B, L, z) -> (B, L, w), feature after layer distill_depth
+        x = self.embed(self.ln_pre(tokens))
+        if self.layer_type == "vit":
+            x = x + self.pos
+        feat = None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, x, self.pos, self.pos) if self.layer_type == "detr" else layer(x)
+            if features and i + 1 == self.distill_depth:
+                feat = x
+        return self.ln_post(x), feat
+
+
+class ViTEncoder(ViTEncoder2D):
+    def __init__(self, cfg):
+        super().__init__(cfg, cfg.encoder_size)
+        self.proj_out = nn.Linear(self.pos.shape[1], cfg.z_channels)
+
+    def forward(self, s):                   # (B, z, g, g) -> (B, g*g, z)
+        return self.proj_out(self.run(s.flatten(2).transpose(1, 2))[0])
+
+
+class ViTDecoder(ViTEncoder2D):
+    def __init__(self, cfg):
+        super().__init__(cfg, cfg.decoder_size)
+        w = self.pos.shape[1]
+        self.semantic_head = semantic_mlp(w, cfg.teacher_dim) if cfg.teacher_dim else None
+        self.conv_out = nn.Conv2d(w, cfg.z_channels, 3, padding=1)
+
+    def forward(self, tokens, features=False):  # (B, g*g, z) -> (B, z, g, g)
+        x, feat = self.run(tokens, features)
+        B = x.shape[0]
+        return self.conv_out(x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)), feat
+
+# -----------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def init_weights(module):
+    """Official init: trunc_normal(0.02) and zero bias for every Linear and Conv (the CNN's too), LayerNorm (1, 0).
+    nn.MultiheadAttention's in_proj is a raw Parameter and keeps torch's xavier init; its out_proj is a Linear."""
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class Tokenizer(nn.Module):
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        assert cfg.encoder_size in TRANSFORMER_SIZES and cfg.decoder_size in TRANSFORMER_SIZES, \
+            f"unknown transformer size in {cfg.encoder_size}/{cfg.decoder_size}; known: {list(TRANSFORMER_SIZES)}"
+        assert cfg.kind in ("1d", "2d"), f"kind must be '1d' or '2d', got {cfg.kind!r}"
+        assert cfg.image_size % 2 ** (len(cfg.ch_mult) - 1) == 0, "image_size must be divisible by the downsample factor"
+        self.cfg = cfg
+        self.cnn_encoder = CNNEncoder(cfg)
+        self.encoder = QFormerEncoder(cfg) if cfg.kind == "1d" else ViTEncoder(cfg)
+        self.decoder = QFormerDecoder(cfg) if cfg.kind == "1d" else ViTDecoder(cfg)
+        self.cnn_decoder = CNNDecoder(cfg)
+        self.apply(init_weights)
+        # created after the init, as in the official code: these keep torch's default (kaiming-uniform) init,
+        # and the codebook keeps its own. The 1x1 convs of the official code are Linears on tokens here.
+        self.quant_conv = nn.Linear(cfg.z_channels, cfg.codebook_dim)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight,
+                                         cfg.entropy_temperature, cfg.rotation_trick)
+        self.post_quant_conv = nn.Linear(cfg.codebook_dim, cfg.z_channels)
+
+    def encode(self, x):
+        """images (B, 3, H, W) -> codes (B, N)"""
+        return self.quantizer(self.quant_conv(self.encoder(self.cnn_encoder(x))))[1]
+
+    def decode(self, codes):
+        """codes (B, N) -> images (B, 3, H, W)"""
+        spatial, _ = self.decoder(self.post_quant_conv(self.quantizer.lookup(codes)))
+        return self.cnn_decoder(spatial)
+
+    def forward(self, x, shortcut=False):
+        """Training forward. Returns the reconstruction and a dict of what the losses need.
+        shortcut=True adds the official early auxiliary terms (spec 1.10): the CNN-only reconstruction
+        CNN-dec(CNN-enc(x)) and the MSE between the CNN encoder output and the transformer decoder output."""
+        s = self.cnn_encoder(x)                                    # (B, z, g, g)
+        z_q, codes, losses = self.quantizer(self.quant_conv(self.encoder(s)))
+        spatial, feat = self.decoder(self.post_quant_conv(z_q), features=True)
+        recon = self.cnn_decoder(spatial)
+        zero = x.new_zeros(())
+        head = self.decoder.semantic_head
+        aux = dict(codes=codes, usage=self.quantizer.usage(),
+                   vq_loss=losses.get("vq_loss", zero), commit_loss=losses.get("commit_loss", zero),
+                   entropy_loss=losses.get("entropy_loss", zero),
+                   dec_feat=feat,                                  # (B, g*g, width) decoder layer-l features
+                   sem_feat=head(feat) if head is not None else None,  # (B, g*g, teacher_dim)
+                   feat_rec_loss=F.mse_loss(spatial, s.detach()) if shortcut else None,
+                   shortcut=self.cnn_decoder(s) if shortcut else None)
+        return recon, aux
+
+# -----------------------------------------------------------------------------------------------------------
+# LPIPS (VGG16) perceptual loss and the PatchGAN discriminator
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+
+
+def vgg16_features():
+    """torchvision's VGG16 `features` layout (same indices, so its ImageNet state dict loads as is)."""
+    layers, cin = [], 3
+    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=False)]
+            cin = v
+    return nn.Sequential(*layers)
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG (Zhang et al. 2018): unit-normalize VGG16 activations at relu1_2 ... relu5_3, square the
+    difference, weight channels with a learned 1x1 head, average over space, sum over the 5 layers."""
+    taps = (3, 8, 15, 22, 29)
+    channels = (64, 128, 256, 512, 512)
+
+    def __init__(self):
+        super().__init__()
+        self.features = vgg16_features()
+        self.dropout = nn.Dropout(0.5)  # in the heads; active only in train mode (the official trainer's quirk)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.channels)
+        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    def forward(self, x, y):  # (B, 3, H, W) in [-1, 1] twice -> (B,)
+        h = (torch.cat([x, y]) - self.shift) / self.scale
+        total = 0
+        for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
+            h = layer(h)
+            if i in self.taps:
+                k = self.taps.index(i)
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = f.chunk(2)
+                total = total + self.lins[k](self.dropout((fx - fy) ** 2)).mean((1, 2, 3))
+        return total
+
+
+def load_lpips(lpips, vgg_path=None, lin_path=None):
+    """Fill LPIPS with the ImageNet VGG16 weights and the LPIPS v0.1 linear heads, from local files or from
+    their public URLs through torch.hub's download cache. Raises RuntimeError saying how to fix it."""
+    def get(path, url, what):
+        try:
+            if path:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"could not load the {what} ({path or url}: {type(e).__name__}: {e}); download it "
+                               f"and pass its path, or opt out of the perceptual loss") from None
+    vgg = get(vgg_path, VGG16_URL, "VGG16 ImageNet weights")
+    lin = get(lin_path, LPIPS_LIN_URL, "LPIPS linear heads")
+    sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS.taps[-1]}
+    for i in range(5):
+        sd[f"lins.{i}.weight"] = lin[f"lin{i}.model.1.weight"]
+    lpips.load_state_dict(sd, strict=True)
+    return lpips
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix; official NLayerDiscriminator): 256x256 image -> 30x30 logits."""
+    def __init__(self, in_ch=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
+                       nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+# -----------------------------------------------------------------------------------------------------------
+# The AR model: LlamaGen's class-conditional GPT with GigaTok's learned absolute 1D positions (official gpt_1d)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 16384     # = the tokenizer's codebook size
+    block_size: int = 256       # = the tokenizer's number of tokens
+    n_layer: int = 12
+    n_head: int = 12
+    dim: int = 768
+    num_classes: int = 1000     # class `num_classes` is the null class for classifier-free guidance
+    class_dropout: float = 0.1  # p of replacing the label by the null class in training
+    token_dropout: float = 0.1  # dropout on the input embeddings (condition included)
+    resid_dropout: float = 0.1  # after attention's output projection
+    ffn_dropout: float = 0.1    # after the SwiGLU feed-forward
+    norm_eps: float = 1e-5
+
+
+GPT_PRESETS = {  # (official counts with vocab 16384, 1000 classes, 256 tokens)
+    "toy": GPTConfig(n_layer=4, n_head=4, dim=256),
+    "gpt-b": GPTConfig(n_layer=12, n_head=12, dim=768),     # 111.1M
+    "gpt-l": GPTConfig(n_layer=24, n_head=16, dim=1024),    # 343.2M
+    "gpt-xl": GPTConfig(n_layer=36, n_head=20, dim=1280),   # 775.0M
+    "gpt-xxl": GPTConfig(n_layer=48, n_head=24, dim=1536),  # 1411.4M
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # computed in float32
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dim = cfg.n_head, cfg.dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.cache = None  # (k, v), each (B, H, L, hd), while generating
+
+    def forward(self, x, start=None):
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
+        if start is None:                    # the whole sequence at once
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:                                # incremental: positions start .. start+T-1 against the cache
+            kc, vc = self.cache
+            kc[:B, :, start:start + T], vc[:B, :, start:start + T] = k, v
+            k, v = kc[:B, :, :start + T], vc[:B, :, :start + T]
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden = 2/3 * 4 * dim rounded up to a multiple of 256 (LlamaGen)."""
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(2 * 4 * cfg.dim / 3)
+        hidden = 256 * math.ceil(hidden / 256)
+        self.w1, self.w3 = nn.Linear(cfg.dim, hidden, bias=False), nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm, self.attention = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
+        self.ffn_norm, self.feed_forward = RMSNorm(cfg.dim, cfg.norm_eps), FeedForward(cfg)
+
+    def forward(self, x, start=None):
+        x = x + self.attention(self.attention_norm(x), start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Sequence [class token, code 1, ..., code N-1] -> logits for codes 1..N (next-token prediction)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # the last row is the null class
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))
+        self.tok_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        for m in self.modules():  # N(0, 0.02) for Linear and Embedding; the output head starts at zero
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+        nn.init.zeros_(self.output.weight)
+
+    def drop_labels(self, labels):
+        """Training-time class dropout: each label becomes the null class with probability class_dropout."""
+        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
+
+    def forward(self, codes, labels, hidden_layer=None):
+        """codes (B, N), labels (B,) -> logits (B, N, vocab): logits[:, i] predicts codes[:, i]. With hidden_layer=k,
+        returns instead the hidden state after layer k (B, N, dim), for the AR linear probe."""
+        if self.training:
+            labels = self.drop_labels(labels)
+        x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(codes[:, :-1])], dim=1)
+        x = self.tok_dropout(x + self.positional_embedding[:x.shape[1]])                 # (B, N, dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if hidden_layer == i + 1:
+                return x
+        return self.output(self.norm(x)).float()
+
+    # -- generation with a KV cache --------------------------------------------------------------------
+
+    def setup_cache(self, max_batch, max_len=None, dtype=None, device=None):
+        max_len = max_len or self.cfg.block_size + 1
+        p = self.positional_embedding
+        hd = self.cfg.dim // self.cfg.n_head
+        for layer in self.layers:
+            shape = (max_batch, self.cfg.n_head, max_len, hd)
+            layer.attention.cache = (torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
+                                     torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device))
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def forward_cached(self, codes, labels, start):
+        """Incremental forward through the KV cache (set up with setup_cache, eval mode). The new positions are
+        start .. start+T-1 of [class token, codes...]: pass labels (and codes=None) for the class token at
+        position 0, or codes (B, T) for positions >= 1. Returns logits (B, T, vocab) for the next codes."""
+        if labels is not None:
+            x = self.cls_embedding(labels)[:, None]
+            if codes is not None:
+                x = torch.cat([x, self.tok_embeddings(codes)], dim=1)
+        else:
+            x = self.tok_embeddings(codes)
+        x = x + self.positional_embedding[start:start + x.shape[1]]
+        for layer in self.layers:
+            x = layer(x, start)
+        return self.output(self.norm(x)).float()

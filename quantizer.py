@@ -1,0 +1,94 @@
+"""
+The vector quantizer of GigaTok (paper Sec. 3.1; official VectorQuantizer).
+
+Each latent token z (dim d = 8) and each of the K = 16384 codes e are l2-normalized, so the nearest code
+by Euclidean distance is the code with the largest cosine. The codebook is learned by gradient only:
+no EMA updates, no dead-code restarts, no k-means init.
+
+    loss = mean (sg[z] - e)^2                 codebook loss: pulls codes toward the encoder
+         + beta * mean (z - sg[e])^2          commitment loss (beta = 0.25): pulls the encoder toward codes
+         + w_ent * (H[p(code | z)] - H[mean_z p(code | z)])   entropy loss (Sec. 3.3), w_ent = 0.005 for XL-XXL
+
+The entropy loss makes each token's assignment confident (low per-token entropy) while spreading the batch
+over the whole codebook (high entropy of the average assignment). The paper needs it to make the 2.9B
+tokenizer converge with good codebook usage.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def entropy_loss(logits):
+    """Per-token entropy minus the entropy of the batch-averaged distribution. logits: (T, K)."""
+    probs = F.softmax(logits, dim=-1)
+    log_probs = F.log_softmax(logits, dim=-1)
+    sample_entropy = -(probs * log_probs).sum(-1).mean()
+    avg_probs = probs.mean(0)
+    codebook_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()  # the official +1e-5 inside the log
+    return sample_entropy - codebook_entropy
+
+
+def rotate_to(z, q):
+    """The rotation trick (Fifty et al. 2024): returns R z where R is the (detached) rotation taking
+    z/|z| to q/|q|, rescaled by |q|/|z|. Its value is q, but the gradient reaches z through a fixed rotation
+    instead of the identity of the straight-through estimator. z, q: (T, d)."""
+    u = z / (z.norm(dim=-1, keepdim=True) + 1e-6)
+    qn = q / (q.norm(dim=-1, keepdim=True) + 1e-6)
+    w = F.normalize(u + qn, dim=-1).detach()  # the axis half-way between u and q
+    out = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u.detach()).sum(-1, keepdim=True) * qn.detach()
+    return out * (q.norm(dim=-1, keepdim=True) / (z.norm(dim=-1, keepdim=True) + 1e-6)).detach()
+
+
+class VectorQuantizer(nn.Module):
+
+    def __init__(self, codebook_size=16384, dim=8, beta=0.25, entropy_weight=0.0, entropy_temperature=0.01,
+                 rotation_trick=True, usage_window=65536):
+        super().__init__()
+        self.codebook_size, self.dim = codebook_size, dim
+        self.beta, self.entropy_weight, self.entropy_temperature = beta, entropy_weight, entropy_temperature
+        self.rotation_trick = rotation_trick
+        self.embedding = nn.Embedding(codebook_size, dim)
+        with torch.no_grad():  # the official init: tiny uniform values, then unit rows
+            self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+            self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
+        # the most recent assigned indices (-1 = empty slot), for the codebook-usage log only
+        self.register_buffer("recent_codes", torch.full((usage_window,), -1, dtype=torch.long), persistent=False)
+
+    def codebook(self):
+        return F.normalize(self.embedding.weight, dim=-1)  # (K, d), re-normalized every call
+
+    def lookup(self, codes):
+        """indices (...) -> unit code vectors (..., d)"""
+        return self.codebook()[codes]
+
+    def usage(self):
+        """Fraction of the codebook used by the most recent `usage_window` assigned tokens (this process)."""
+        recent = self.recent_codes[self.recent_codes >= 0]
+        return recent.unique().numel() / self.codebook_size
+
+    def forward(self, z):
+        """z: (B, N, d) continuous latents -> (z_q (B, N, d), codes (B, N), losses dict)"""
+        z = F.normalize(z, dim=-1)
+        e = self.codebook()
+        zf, ef = z.reshape(-1, self.dim).float(), e.float()
+        # squared distances in float32 even under autocast: among 16384 unit vectors bf16 flips near-ties
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            d = zf.pow(2).sum(1, keepdim=True) + ef.pow(2).sum(1) - 2 * zf @ ef.t()  # (B*N, K)
+        codes = d.argmin(dim=1)
+        z_q = e[codes].view_as(z)
+        losses = {}
+        if self.training:
+            losses["vq_loss"] = (z_q - z.detach()).pow(2).mean()
+            losses["commit_loss"] = self.beta * (z_q.detach() - z).pow(2).mean()
+            losses["entropy_loss"] = (self.entropy_weight * entropy_loss(-d / self.entropy_temperature)
+                                      if self.entropy_weight > 0 else z.new_zeros(()))
+            with torch.no_grad():
+                n = min(codes.numel(), self.recent_codes.numel())
+                self.recent_codes.copy_(torch.cat([self.recent_codes[n:], codes[-n:]]))
+            # gradients: through a fixed rotation, or straight through
+            if self.rotation_trick:
+                z_q = rotate_to(z.reshape(-1, self.dim), z_q.reshape(-1, self.dim)).view_as(z)
+            else:
+                z_q = z + (z_q - z).detach()
+        # in eval mode z_q is exactly the codebook lookup, so decode(encode(x)) == forward(x)
+        return z_q, codes.view(z.shape[:-1]), losses
