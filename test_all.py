@@ -17,6 +17,223 @@ import torch.nn.functional as F
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+# ---- model.py / quantizer.py ----
+
+import dataclasses
+
+import model
+import quantizer
+from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
+
+
+def toy_cfg(**kw):
+    return dataclasses.replace(TOKENIZER_PRESETS["toy"], **kw)
+
+
+def test_tokenizer_param_counts_match_official():
+    # exact totals of the official modules (semantic MLP included, as the paper counts; spec 1.9)
+    official = {"s-s": 136_073_227, "s-b": 232_399_627, "s-l": 532_850_000, "b-l": 621_637_131,
+                "xl-xxl": 2_893_970_443, "s-s-2d": 135_548_427, "s-b-2d": 197_132_555, "b-l-2d": 491_410_187}
+    assert set(official) | {"toy"} == set(TOKENIZER_PRESETS)
+    for name, count in official.items():
+        t0 = time.time()
+        with torch.device("meta"):
+            tok = Tokenizer(TOKENIZER_PRESETS[name])
+        n = sum(p.numel() for p in tok.parameters())
+        assert abs(n - count) / count < 1e-3, (name, n, count)
+        assert time.time() - t0 < 20, name
+
+
+def test_gpt_param_counts_match_official():
+    official = {"gpt-b": 111_085_824, "gpt-l": 343_174_144, "gpt-xl": 775_028_480, "gpt-xxl": 1_411_367_424}
+    for name, count in official.items():
+        with torch.device("meta"):
+            gpt = GPT(GPT_PRESETS[name])
+        n = sum(p.numel() for p in gpt.parameters())
+        assert abs(n - count) / count < 1e-3, (name, n, count)
+
+
+def test_tokenizer_shapes_at_several_sizes_and_token_counts():
+    torch.manual_seed(0)
+    cases = [dict(), dict(num_latent_tokens=32), dict(image_size=32, num_latent_tokens=16),
+             dict(image_size=96, num_latent_tokens=16), dict(image_size=128, num_latent_tokens=128), dict(kind="2d"), dict(kind="2d", layer_type="vit", image_size=32)]
+    for kw in cases:
+        cfg = toy_cfg(**kw)
+        tok = Tokenizer(cfg)
+        x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        recon, aux = tok(x, shortcut=True)
+        g2 = cfg.grid ** 2
+        assert recon.shape == x.shape, kw
+        assert aux["codes"].shape == (2, cfg.num_tokens) and aux["codes"].dtype == torch.long, kw
+        assert aux["sem_feat"].shape == (2, g2, cfg.teacher_dim), kw
+        assert aux["shortcut"].shape == x.shape and aux["feat_rec_loss"].ndim == 0, kw
+        assert int(aux["codes"].max()) < cfg.codebook_size
+        tok.eval()
+        with torch.no_grad():
+            assert tok.decode(tok.encode(x)).shape == x.shape
+    try:  # a 12x12 grid cannot be pooled into the 8x16 blocks of 256 tokens: a clear error, not a wrong count
+        Tokenizer(toy_cfg(image_size=96, num_latent_tokens=256))(torch.zeros(1, 3, 96, 96))
+        raise AssertionError("expected an error")
+    except AssertionError as e:
+        assert "divisible" in str(e), e
+
+
+def test_decode_of_encode_equals_forward_in_eval():
+    torch.manual_seed(0)
+    for kind in ("1d", "2d"):
+        tok = Tokenizer(toy_cfg(kind=kind)).eval()
+        x = torch.rand(3, 3, 64, 64) * 2 - 1
+        with torch.no_grad():
+            assert torch.equal(tok.decode(tok.encode(x)), tok(x)[0])
+
+
+def test_quantizer_eval_output_is_codebook_lookup_of_its_indices():
+    torch.manual_seed(0)
+    vq = quantizer.VectorQuantizer(512, 8).eval()
+    z = torch.randn(4, 16, 8)
+    z_q, codes, _ = vq(z)
+    assert torch.equal(z_q, vq.lookup(codes))
+    # and the index is the max-cosine code, found by brute force
+    cos = F.normalize(z, dim=-1) @ F.normalize(vq.embedding.weight, dim=-1).t()
+    assert torch.equal(codes, cos.argmax(-1))
+    assert torch.allclose(z_q.norm(dim=-1), torch.ones(4, 16))
+
+
+def test_quantizer_gradients_reach_encoder_and_codebook():
+    for rot in (True, False):
+        torch.manual_seed(0)
+        tok = Tokenizer(toy_cfg(rotation_trick=rot))
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        recon, aux = tok(x)
+        ((recon - x) ** 2).mean().backward(retain_graph=True)
+        assert tok.cnn_encoder.conv_in.weight.grad.abs().sum() > 0, rot
+        assert tok.quant_conv.weight.grad.abs().sum() > 0, rot
+        tok.zero_grad()
+        aux["vq_loss"].backward()           # the codebook loss moves only the codebook
+        assert tok.quantizer.embedding.weight.grad.abs().sum() > 0
+        assert tok.quant_conv.weight.grad is None or tok.quant_conv.weight.grad.abs().sum() == 0
+
+
+def test_quantizer_losses_equal_direct_computation():
+    torch.manual_seed(0)
+    vq = quantizer.VectorQuantizer(64, 4, beta=0.25, entropy_weight=0.1).train()
+    z = torch.randn(2, 5, 4)
+    z_q, codes, losses = vq(z)
+    zn = z / z.norm(dim=-1, keepdim=True)
+    e = vq.embedding.weight / vq.embedding.weight.norm(dim=-1, keepdim=True)
+    q = e[codes]
+    assert torch.allclose(losses["vq_loss"], ((q - zn) ** 2).mean())
+    assert torch.allclose(losses["commit_loss"], 0.25 * ((q - zn) ** 2).mean())
+    # entropy loss from its definition, in float64 numpy
+    d = ((zn.reshape(-1, 1, 4) - e[None]) ** 2).sum(-1).double().detach().numpy()
+    logits = -d / 0.01
+    p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    sample_h = -(p * np.log(p + 1e-300)).sum(1).mean()
+    avg = p.mean(0)
+    expected = 0.1 * (sample_h - (-(avg * np.log(avg + 1e-5)).sum()))
+    assert abs(losses["entropy_loss"].item() - expected) < 1e-4 * max(1, abs(expected)), (losses["entropy_loss"], expected)
+
+
+def test_entropy_loss_lowest_for_confident_evenly_spread_assignments():
+    K, T = 8, 64
+    confident_spread = torch.full((T, K), -50.0)
+    confident_spread[torch.arange(T), torch.arange(T) % K] = 50.0
+    confident_collapsed = torch.full((T, K), -50.0)
+    confident_collapsed[:, 0] = 50.0
+    unsure = torch.zeros(T, K)
+    ls = quantizer.entropy_loss(confident_spread)
+    assert abs(ls.item() + math.log(K)) < 1e-3          # 0 per-token entropy - log K
+    assert ls < quantizer.entropy_loss(confident_collapsed) - 1
+    assert ls < quantizer.entropy_loss(unsure) - 1
+
+
+def test_rotation_trick_value_is_quantized_vector_and_gradient_is_rotated():
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(32, 8), dim=-1).requires_grad_()
+    q = F.normalize(torch.randn(32, 8), dim=-1)
+    out = quantizer.rotate_to(z, q)
+    assert torch.allclose(out, q, atol=1e-5)
+    g = torch.randn(32, 8)
+    (out * g).sum().backward()
+    # the gradient is the output gradient rotated back (a rotation preserves norms) ...
+    assert torch.allclose(z.grad.norm(dim=-1), g.norm(dim=-1) / (1 + 1e-6), rtol=1e-4)
+    # ... and not the straight-through identity
+    assert not torch.allclose(z.grad, g, atol=1e-2)
+
+
+def test_codebook_usage_counts_recent_window():
+    vq = quantizer.VectorQuantizer(16, 4, usage_window=8).train()
+    assert vq.usage() == 0
+    vq.embedding.weight.data = torch.eye(16, 4).repeat(1, 1) + 0.0  # codes 0..3 are the unit axes
+    vq(torch.eye(4).view(1, 4, 4))
+    assert vq.usage() == 4 / 16
+    vq(torch.eye(4)[:1].repeat(1, 8, 1))                             # the window now holds only code 0
+    assert vq.usage() == 1 / 16
+
+
+def test_depth_to_space_uses_official_dcr_order():
+    B, C, H, W = 2, 3, 4, 5
+    x = torch.randn(B, 4 * C, H, W)
+    y = model.depth_to_space(x)
+    assert y.shape == (B, C, 2 * H, 2 * W)
+    for i in range(2):
+        for j in range(2):
+            for c in range(C):   # input channel (i*2 + j)*C + c -> output pixel (2h + i, 2w + j) of channel c
+                assert torch.equal(y[:, c, i::2, j::2], x[:, (i * 2 + j) * C + c])
+    assert not torch.equal(y, F.pixel_shuffle(x, 2))
+
+
+def test_multi_level_query_init_groups():
+    x = torch.randn(2, 5, 16, 16)
+    q = model.multi_level_pool(x, 256)
+    assert q.shape == (2, 256, 5)
+    mean = x.mean((2, 3))
+    assert torch.allclose(q[:, 0], mean, atol=1e-6) and torch.allclose(q[:, 1], mean, atol=1e-6)
+    # group 2: the width splits first (left half, right half); group 3: 2x2 quadrants, row-major
+    assert torch.allclose(q[:, 2], x[:, :, :, :8].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(q[:, 3], x[:, :, :, 8:].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(q[:, 5], x[:, :, :8, 8:].mean((2, 3)), atol=1e-6)
+    # the last group: 8 x 16 blocks of 2 x 1 pixels
+    assert torch.allclose(q[:, 128 + 16 + 1], x[:, :, 2:4, 1].mean(-1), atol=1e-6)
+
+
+def test_official_init_scheme():
+    torch.manual_seed(0)
+    tok = Tokenizer(TOKENIZER_PRESETS["toy"])
+    w = tok.cnn_encoder.conv_in.weight
+    assert abs(w.std().item() - 0.02) < 0.005 and abs(w.mean().item()) < 0.005   # trunc_normal(std 0.02)
+    assert tok.encoder.layers[0].norm1.weight.eq(1).all()
+    # created after the init: keep torch's defaults (kaiming-uniform; the codebook: unit rows)
+    assert tok.quant_conv.weight.std() > 0.05
+    assert torch.allclose(tok.quantizer.embedding.weight.norm(dim=-1), torch.ones(tok.cfg.codebook_size))
+
+
+def test_gpt_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(GPT_PRESETS["toy"], vocab_size=50, block_size=16, num_classes=5)
+    gpt = GPT(cfg).eval()
+    torch.nn.init.normal_(gpt.output.weight, std=0.02)   # the zero-initialized head would hide differences
+    codes, labels = torch.randint(0, 50, (3, 16)), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        full = gpt(codes, labels)
+        gpt.setup_cache(3)
+        parts = [gpt.forward_cached(None, labels, 0), gpt.forward_cached(codes[:, :6], None, 1)]
+        parts += [gpt.forward_cached(codes[:, i:i + 1], None, i + 1) for i in range(6, 15)]
+        gpt.clear_cache()
+    assert torch.allclose(full, torch.cat(parts, 1), atol=1e-5)
+    assert full.abs().max() > 0
+
+
+def test_gpt_class_dropout_rate():
+    torch.manual_seed(0)
+    gpt = GPT(dataclasses.replace(GPT_PRESETS["toy"], n_layer=1, vocab_size=8, block_size=4, num_classes=10))
+    labels = torch.randint(0, 10, (100_000,))
+    dropped = gpt.drop_labels(labels)
+    rate = (dropped == 10).float().mean().item()
+    assert abs(rate - 0.1) < 0.005, rate
+    assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
