@@ -672,3 +672,199 @@ class GPT(nn.Module):
         for layer in self.layers:
             x = layer(x, start)
         return self.output(self.norm(x)).float()
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading checkpoints: ours ({"config": dict, "model": state dict}) and the released official ones
+# (GigaTok tokenizers: {"model"[, "ema"], "args", "optimizer", "discriminator", ...}; AR models from
+# autoregressive/models/gpt_1d.py: {"model", "optimizer", "steps", "args"}). Official names map onto ours by
+# the rules below; the official layouts differ from ours only by reshapes of the same numbers.
+import dataclasses
+import re
+
+
+# official name -> ours: the first matching rule renames the module path ...
+OFFICIAL_TOKENIZER_NAMES = [
+    (r"^encoder\.conv_blocks\.(\d+)\.", r"cnn_encoder.down.\1."),               # CNN encoder levels
+    (r"^encoder\.", "cnn_encoder."),
+    (r"^decoder\.conv_blocks\.(\d+)\.upsample\.conv1\.", r"cnn_decoder.up.\1.upsample.conv."),
+    (r"^decoder\.conv_blocks\.(\d+)\.", r"cnn_decoder.up.\1."),                 # CNN decoder levels
+    (r"^decoder\.adaptive\.(\d+)\.", r"cnn_decoder.up.\1.adaptive."),           # adaptive GN, one per level
+    (r"^decoder\.", "cnn_decoder."),
+    (r"^s2to1encoder\.positional_embedding$", "encoder.pos_image"),
+    (r"^s2to1encoder\.latent_token_positional_embedding$", "encoder.pos_query"),
+    (r"^s2to1encoder\.global_proj\.", "encoder.query_proj."),
+    (r"^s2dencoder\.positional_embedding$", "encoder.pos"),
+    (r"^(s2to1encoder|s2dencoder)\.encoder_embed\.", "encoder.embed."),
+    (r"^(s2to1encoder|s2dencoder)\.conv_out\.", "encoder.proj_out."),          # a 1x1 conv there, a Linear here
+    (r"^(s2to1encoder|s2dencoder)\.", "encoder."),
+    (r"^s1to2decoder\.positional_embedding$", "decoder.pos_query"),
+    (r"^s1to2decoder\.latent_token_positional_embedding$", "decoder.pos_latent"),
+    (r"^s2ddecoder\.positional_embedding$", "decoder.pos"),
+    (r"^(s1to2decoder|s2ddecoder)\.decoder_embed\.", "decoder.embed."),
+    (r"^(s1to2decoder|s2ddecoder)\.distill_mlp\.", "decoder.semantic_head."),
+    (r"^(s1to2decoder|s2ddecoder)\.", "decoder."),
+    (r"^quantize\.", "quantizer."),
+]
+# ... then every one of these renames inside a transformer layer (DETR layer / plain pre-norm layer)
+OFFICIAL_LAYER_NAMES = [(r"\.transformer\.(\d+)\.", r".layers.\1."), (r"\.multihead_attn\.", ".cross_attn."),
+                        (r"\.linear1\.", ".mlp.0."), (r"\.linear2\.", ".mlp.3.")]
+OFFICIAL_GPT_NAMES = [(r"^cls_embedding\.embedding_table\.", "cls_embedding.")]
+# official tensors we drop on purpose: the codebook-usage log buffer, KV caches saved along with a GPT
+OFFICIAL_DROPPED = r"^quantize\.codebook_used$|\.kv_cache\.[kv]_cache$"
+
+
+def _read_checkpoint(path_or_state):
+    """A checkpoint path, or an already loaded dict -> dict of CPU tensors (memory-mapped when possible)."""
+    if isinstance(path_or_state, dict):
+        return path_or_state
+    import argparse  # the official training scripts pickle their argparse.Namespace under "args"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path_or_state, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path_or_state, map_location="cpu", weights_only=True)
+
+
+def _state_dict_of(ckpt):
+    """-> (state dict, our config dict or None). EMA weights win over the raw ones, as in the official eval."""
+    if "model" in ckpt or "ema" in ckpt:
+        sd = ckpt.get("ema") or ckpt["model"]
+        config = ckpt.get("config")
+    else:  # a bare state dict
+        sd, config = ckpt, None
+    strip = lambda k: re.sub(r"^(module\.|_orig_mod\.)+", "", k)  # DDP / torch.compile wrappers
+    return {strip(k): v for k, v in sd.items()}, (config if isinstance(config, dict) else None)
+
+
+def _rename(sd, rules, layer_rules=()):
+    """Official names -> ours. Returns {our name: (official name, tensor)}; the dropped ones are left out."""
+    out = {}
+    for name, t in sd.items():
+        if re.search(OFFICIAL_DROPPED, name):
+            continue
+        new = name
+        for pattern, repl in rules:
+            if re.search(pattern, new):
+                new = re.sub(pattern, repl, new)
+                break
+        for pattern, repl in layer_rules:
+            new = re.sub(pattern, repl, new)
+        if new.split(".")[-1].startswith("pos") and t.dim() == 3:  # (L, 1, C) sequence-first -> (L, C)
+            t = t.squeeze(1)
+        if re.fullmatch(r"(quant_conv|post_quant_conv|encoder\.proj_out)\.weight", new) and t.dim() == 4:
+            t = t.flatten(1)                                     # 1x1 conv (out, in, 1, 1) -> Linear (out, in)
+        out[new] = (name, t)
+    return out
+
+
+def _overlay(cfg, config, what):
+    """Fields of the dataclass `cfg` that our checkpoint's config dict sets (top level, or one level down)."""
+    if not config:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    flat = dict(config)
+    for v in config.values():
+        if isinstance(v, dict):
+            flat.update({k: x for k, x in v.items() if k not in config})
+    found = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items() if k in fields}
+    return dataclasses.replace(cfg, **found)
+
+
+def _load_strict(model, named, source):
+    """Fill every tensor of `model` from named = {our name: (name in the file, tensor)}, or raise listing the
+    missing, unused and mis-shaped tensors."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in named]
+    unused = [f"{orig}" for k, (orig, _) in named.items() if k not in want]
+    wrong = [f"{orig} {tuple(t.shape)} (ours {k} {tuple(want[k].shape)})" for k, (orig, t) in named.items()
+             if k in want and t.shape != want[k].shape]
+    if missing or unused or wrong:
+        show = lambda xs: ", ".join(xs[:12]) + (f", ... ({len(xs)} in all)" if len(xs) > 12 else "")
+        raise ValueError(f"{source} checkpoint does not fit {type(model).__name__}({model.cfg}):"
+                         + (f"\n  missing: {show(missing)}" if missing else "")
+                         + (f"\n  unused: {show(unused)}" if unused else "")
+                         + (f"\n  wrong shape: {show(wrong)}" if wrong else ""))
+    model.load_state_dict({k: t for k, (_, t) in named.items()}, strict=True)
+    return model.eval()
+
+
+def _index_count(sd, prefix, pos):  # 1 + the largest index at dotted position `pos` of names under prefix
+    return 1 + max((int(k.split(".")[pos]) for k in sd if k.startswith(prefix)), default=-1)
+
+
+def _transformer_size(sd, prefix):
+    width, depth = sd[prefix + ".embed.weight"].shape[0], _index_count(sd, prefix + ".layers.", 2)
+    for name, (w, d, _) in TRANSFORMER_SIZES.items():
+        if (w, d) == (width, depth):
+            return name
+    raise ValueError(f"{prefix}: no transformer size has width {width} and depth {depth}: {TRANSFORMER_SIZES}")
+
+
+def tokenizer_config_from_shapes(sd):
+    """The architecture read off the tensor shapes (our names); the training-only fields (entropy weight ...)
+    come from the preset with that architecture. -> (preset name or None, TokenizerConfig)"""
+    kind = "1d" if "encoder.pos_query" in sd else "2d"
+    ch = sd["cnn_encoder.conv_in.weight"].shape[0]
+    levels = _index_count(sd, "cnn_encoder.down.", 2)
+    head = sd.get("decoder.semantic_head.4.weight")
+    arch = dict(kind=kind, encoder_size=_transformer_size(sd, "encoder"), decoder_size=_transformer_size(sd, "decoder"),
+                layer_type="vit" if kind == "2d" and "encoder.layers.0.cross_attn.in_proj_weight" not in sd else "detr",
+                image_size=math.isqrt(sd["decoder.pos_query" if kind == "1d" else "encoder.pos"].shape[0]) * 2 ** (levels - 1),
+                ch=ch, ch_mult=tuple(sd[f"cnn_encoder.down.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                num_res_blocks=_index_count(sd, "cnn_encoder.down.0.res.", 4),
+                z_channels=sd["encoder.ln_pre.weight"].shape[0],
+                codebook_size=sd["quantizer.embedding.weight"].shape[0],
+                codebook_dim=sd["quantizer.embedding.weight"].shape[1],
+                teacher_dim=head.shape[0] if head is not None else 0)
+    arch["num_latent_tokens"] = sd["encoder.pos_query"].shape[0] if kind == "1d" else sd["encoder.pos"].shape[0]
+    for name, preset in TOKENIZER_PRESETS.items():  # the semantic head may have been stripped: not compared
+        if all(getattr(preset, k) == v for k, v in arch.items() if k != "teacher_dim"):
+            return name, dataclasses.replace(preset, **arch)
+    return None, TokenizerConfig(**arch)
+
+
+def load_tokenizer(path_or_state, device="cpu"):
+    """Tokenizer from one of our checkpoints or an official GigaTok one (path or loaded dict), in eval mode.
+    The configuration is read off the tensor shapes (and our checkpoint's config, where it has one); the load
+    is strict: every tensor of ours is filled and every tensor of the file is used, except the codebook-usage
+    buffer. The discriminator, optimizer states and args of a training checkpoint are ignored."""
+    sd, config = _state_dict_of(_read_checkpoint(path_or_state))
+    if any(k.startswith(("s2to1encoder.", "s2dencoder.")) for k in sd):
+        source, named = "official GigaTok", _rename(sd, OFFICIAL_TOKENIZER_NAMES, OFFICIAL_LAYER_NAMES)
+    elif any(k.startswith("cnn_encoder.") for k in sd):
+        source, named = "our", {k: (k, t) for k, t in sd.items()}
+    else:
+        raise ValueError(f"not a tokenizer checkpoint; its first names: {list(sd)[:5]}")
+    try:
+        _, cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
+    except KeyError as e:
+        raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
+    cfg = _overlay(cfg, config, "tokenizer")
+    return _load_strict(Tokenizer(cfg), named, source).to(device)
+
+
+def load_gpt(path_or_state, device="cpu"):
+    """GPT from one of our checkpoints or an official GigaTok AR one (gpt_1d: learned absolute positions), in eval
+    mode, loaded strictly (see load_tokenizer). Heads are not visible in the shapes: they come from the preset
+    of that width and depth (every official size has 64-d heads)."""
+    sd, config = _state_dict_of(_read_checkpoint(path_or_state))
+    if "cls_embedding.embedding_table.weight" in sd:
+        source, named = "official GigaTok", _rename(sd, OFFICIAL_GPT_NAMES)
+    elif "cls_embedding.weight" in sd:
+        source, named = "our", {k: (k, t) for k, t in sd.items()}
+    else:
+        raise ValueError(f"not a class-conditional GPT checkpoint; its first names: {list(sd)[:5]}")
+    get = lambda k: named[k][1] if k in named else sd[k]
+    try:
+        vocab, dim = get("tok_embeddings.weight").shape
+        arch = dict(vocab_size=vocab, dim=dim, n_layer=_index_count(named, "layers.", 1),
+                    num_classes=get("cls_embedding.weight").shape[0] - 1,
+                    block_size=get("positional_embedding").shape[0] - 1)
+    except KeyError as e:
+        raise ValueError(f"{source} GPT checkpoint lacks {e} (the RoPE variant is not supported)") from None
+    presets = [p for p in GPT_PRESETS.values() if (p.dim, p.n_layer) == (dim, arch["n_layer"])]
+    cfg = dataclasses.replace(presets[0] if presets else GPTConfig(n_head=max(1, dim // 64)), **arch)
+    cfg = _overlay(cfg, config, "gpt")
+    return _load_strict(GPT(cfg), named, source).to(device)

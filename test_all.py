@@ -234,6 +234,160 @@ def test_gpt_class_dropout_rate():
     assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
 
 
+# ---- model.py: checkpoint loading (load_tokenizer / load_gpt) ----
+
+import argparse
+
+
+def _official_name(name, kind):
+    """Our tokenizer tensor name -> the official GigaTok one (spec 4.3). Written here independently of the
+    loader's rule table, so that a wrong rule there shows up as a failed round trip."""
+    p = name.split(".")
+    if p[0] == "cnn_encoder":                          # encoder.conv_blocks.{i}.res / .downsample
+        p[0] = "encoder"
+        if p[1] == "down":
+            p[1] = "conv_blocks"
+    elif p[0] == "cnn_decoder":                        # decoder.conv_blocks.{i}, decoder.adaptive.{i}
+        p[0] = "decoder"
+        if p[1] == "up" and p[3] == "adaptive":
+            p = ["decoder", "adaptive", p[2]] + p[4:]
+        elif p[1] == "up":
+            p[1] = "conv_blocks"
+            if p[3] == "upsample":
+                p[4] = "conv1"
+    elif p[0] in ("encoder", "decoder"):
+        side, p[0] = p[0], {("encoder", "1d"): "s2to1encoder", ("decoder", "1d"): "s1to2decoder",
+                            ("encoder", "2d"): "s2dencoder", ("decoder", "2d"): "s2ddecoder"}[p[0], kind]
+        latent_pe, grid_pe = "latent_token_positional_embedding", "positional_embedding"
+        p[1] = {"pos": grid_pe, "pos_image": grid_pe, "pos_latent": latent_pe,
+                "pos_query": latent_pe if side == "encoder" else grid_pe,
+                "embed": side + "_embed", "query_proj": "global_proj", "proj_out": "conv_out",
+                "semantic_head": "distill_mlp", "layers": "transformer"}.get(p[1], p[1])
+        if p[1] == "transformer":
+            if p[3] == "cross_attn":
+                p[3] = "multihead_attn"
+            if p[3] == "mlp":
+                p[3:5] = ["linear1" if p[4] == "0" else "linear2"]
+    elif p[0] == "quantizer":
+        p[0] = "quantize"
+    return ".".join(p)
+
+
+def _official_tokenizer_state(tok):
+    """Our weights in the official names and layouts: (L, 1, C) position tables, 1x1 convs for the projections,
+    plus the codebook-usage buffer the official quantizer keeps."""
+    out = {}
+    for name, t in tok.state_dict().items():
+        official = _official_name(name, tok.cfg.kind)
+        if official.endswith("positional_embedding"):
+            t = t[:, None]                                             # (L, C) -> (L, 1, C)
+        if name in ("quant_conv.weight", "post_quant_conv.weight", "encoder.proj_out.weight"):
+            t = t[:, :, None, None]                                    # Linear -> Conv2d 1x1
+        out[official] = t.clone()
+    out["quantize.codebook_used"] = torch.zeros(65536)
+    return out
+
+
+def _official_checkpoint(state, **extra):  # what the official trainers save around the weights
+    return dict(model=state, args=argparse.Namespace(lr=1e-4, ema=False), steps=10,
+                optimizer={"state": {}, "param_groups": []}, discriminator={"main.0.weight": torch.zeros(2)}, **extra)
+
+
+def _assert_same_tokenizer(a, b, size):
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        codes = a.encode(x)
+        assert torch.equal(codes, b.encode(x))
+        assert torch.equal(a.decode(codes), b.decode(codes))
+
+
+def test_load_official_tokenizer_round_trip():
+    for kw in [dict(), dict(kind="2d"), dict(kind="2d", layer_type="vit")]:
+        torch.manual_seed(0)
+        tok = Tokenizer(toy_cfg(**kw)).eval()
+        state = _official_tokenizer_state(tok)
+        assert any(k.startswith(("s2to1encoder.", "s2dencoder.")) for k in state)
+        with tempfile.TemporaryDirectory() as d:   # through a file: weights_only=True with the pickled args
+            path = os.path.join(d, "official.pt")
+            torch.save(_official_checkpoint(state), path)
+            loaded = model.load_tokenizer(path)
+        assert loaded.cfg == tok.cfg, (loaded.cfg, tok.cfg)
+        assert not loaded.training
+        _assert_same_tokenizer(tok, loaded, tok.cfg.image_size)
+
+
+def test_load_official_tokenizer_prefers_ema_and_allows_stripped_semantic_head():
+    torch.manual_seed(0)
+    tok = Tokenizer(toy_cfg()).eval()
+    ema = _official_tokenizer_state(tok)
+    raw = {k: v + 1.0 for k, v in ema.items()}
+    loaded = model.load_tokenizer(_official_checkpoint(raw, ema=ema))
+    _assert_same_tokenizer(tok, loaded, 64)
+    stripped = {k: v for k, v in ema.items() if "distill_mlp" not in k}
+    loaded = model.load_tokenizer({"model": stripped})
+    assert loaded.cfg.teacher_dim == 0 and loaded.decoder.semantic_head is None
+    _assert_same_tokenizer(tok, loaded, 64)
+
+
+def test_load_tokenizer_reads_our_checkpoint_and_its_config():
+    torch.manual_seed(0)
+    cfg = toy_cfg(entropy_weight=0.02, rotation_trick=False)         # training fields the shapes cannot tell
+    tok = Tokenizer(cfg).eval()
+    loaded = model.load_tokenizer({"config": dataclasses.asdict(cfg), "model": tok.state_dict()})
+    assert loaded.cfg == cfg
+    _assert_same_tokenizer(tok, loaded, 64)
+
+
+def test_load_tokenizer_names_missing_mis_shaped_and_unused_tensors():
+    torch.manual_seed(0)
+    state = _official_tokenizer_state(Tokenizer(toy_cfg()))
+    cases = [("missing", "s2to1encoder.transformer.1.norm2.weight", None, "encoder.layers.1.norm2.weight"),
+             ("wrong shape", "s1to2decoder.ln_post.bias", torch.zeros(7), "s1to2decoder.ln_post.bias"),
+             ("unused", "s2to1encoder.extra_query", torch.zeros(3), "s2to1encoder.extra_query")]
+    for kind, name, tensor, reported in cases:
+        bad = dict(state)
+        if tensor is None:
+            del bad[name]
+        else:
+            bad[name] = tensor
+        try:
+            model.load_tokenizer({"model": bad})
+        except ValueError as e:
+            assert kind in str(e) and reported in str(e), (kind, str(e))
+        else:
+            raise AssertionError(f"a checkpoint with a {kind} tensor {name} loaded")
+
+
+def test_load_official_gpt_round_trip_and_errors():
+    torch.manual_seed(0)
+    gpt = GPT(GPT_PRESETS["toy"]).eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(0.02 * torch.randn_like(p))                             # the zero-initialised head too
+    state = {("cls_embedding.embedding_table.weight" if k == "cls_embedding.weight" else k): v.clone()
+             for k, v in gpt.state_dict().items()}                         # official gpt_1d names
+    loaded = model.load_gpt(_official_checkpoint(state))
+    assert loaded.cfg == gpt.cfg
+    codes, labels = torch.randint(0, 16384, (2, 256)), torch.tensor([3, 1000])
+    with torch.no_grad():
+        assert torch.equal(gpt(codes, labels), loaded(codes, labels))
+    ours = model.load_gpt({"config": dataclasses.asdict(gpt.cfg), "model": gpt.state_dict()})
+    with torch.no_grad():
+        assert torch.equal(gpt(codes, labels), ours(codes, labels))
+    for name, tensor in [("layers.2.attention.wqkv.weight", None), ("layers.0.feed_forward.w2.weight", torch.zeros(3, 3))]:
+        bad = dict(state)
+        if tensor is None:
+            del bad[name]
+        else:
+            bad[name] = tensor
+        try:
+            model.load_gpt({"model": bad})
+        except ValueError as e:
+            assert name in str(e), str(e)
+        else:
+            raise AssertionError(f"a GPT checkpoint with a bad {name} loaded")
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
