@@ -759,7 +759,7 @@ def _rename(sd, rules, layer_rules=()):
     return out
 
 
-def _overlay(cfg, config, what):
+def _overlay(cfg, config):
     """Fields of the dataclass `cfg` that our checkpoint's config dict sets (top level, or one level down)."""
     if not config:
         return cfg
@@ -841,7 +841,7 @@ def load_tokenizer(path_or_state, device="cpu"):
         _, cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
     except KeyError as e:
         raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
-    cfg = _overlay(cfg, config, "tokenizer")
+    cfg = _overlay(cfg, config)
     return _load_strict(Tokenizer(cfg), named, source).to(device)
 
 
@@ -856,7 +856,7 @@ def load_gpt(path_or_state, device="cpu"):
         source, named = "our", {k: (k, t) for k, t in sd.items()}
     else:
         raise ValueError(f"not a class-conditional GPT checkpoint; its first names: {list(sd)[:5]}")
-    get = lambda k: named[k][1] if k in named else sd[k]
+    get = lambda k: named[k][1]
     try:
         vocab, dim = get("tok_embeddings.weight").shape
         arch = dict(vocab_size=vocab, dim=dim, n_layer=_index_count(named, "layers.", 1),
@@ -866,5 +866,5 @@ def load_gpt(path_or_state, device="cpu"):
         raise ValueError(f"{source} GPT checkpoint lacks {e} (the RoPE variant is not supported)") from None
     presets = [p for p in GPT_PRESETS.values() if (p.dim, p.n_layer) == (dim, arch["n_layer"])]
     cfg = dataclasses.replace(presets[0] if presets else GPTConfig(n_head=max(1, dim // 64)), **arch)
-    cfg = _overlay(cfg, config, "gpt")
+    cfg = _overlay(cfg, config)
     return _load_strict(GPT(cfg), named, source).to(device)
