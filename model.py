@@ -804,7 +804,7 @@ def _transformer_size(sd, prefix):
 
 def tokenizer_config_from_shapes(sd):
     """The architecture read off the tensor shapes (our names); the training-only fields (entropy weight ...)
-    come from the preset with that architecture. -> (preset name or None, TokenizerConfig)"""
+    come from the preset with that architecture."""
     kind = "1d" if "encoder.pos_query" in sd else "2d"
     ch = sd["cnn_encoder.conv_in.weight"].shape[0]
     levels = _index_count(sd, "cnn_encoder.down.", 2)
@@ -819,10 +819,10 @@ def tokenizer_config_from_shapes(sd):
                 codebook_dim=sd["quantizer.embedding.weight"].shape[1],
                 teacher_dim=head.shape[0] if head is not None else 0)
     arch["num_latent_tokens"] = sd["encoder.pos_query"].shape[0] if kind == "1d" else sd["encoder.pos"].shape[0]
-    for name, preset in TOKENIZER_PRESETS.items():  # the semantic head may have been stripped: not compared
+    for preset in TOKENIZER_PRESETS.values():  # the semantic head may have been stripped: not compared
         if all(getattr(preset, k) == v for k, v in arch.items() if k != "teacher_dim"):
-            return name, dataclasses.replace(preset, **arch)
-    return None, TokenizerConfig(**arch)
+            return dataclasses.replace(preset, **arch)
+    return TokenizerConfig(**arch)
 
 
 def load_tokenizer(path_or_state, device="cpu"):
@@ -838,7 +838,7 @@ def load_tokenizer(path_or_state, device="cpu"):
     else:
         raise ValueError(f"not a tokenizer checkpoint; its first names: {list(sd)[:5]}")
     try:
-        _, cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
+        cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
     except KeyError as e:
         raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
     cfg = _overlay(cfg, config)
