@@ -759,17 +759,14 @@ def _rename(sd, rules, layer_rules=()):
     return out
 
 
-def _overlay(cfg, config):
-    """Fields of the dataclass `cfg` that our checkpoint's config dict sets (top level, or one level down)."""
+def _overlay(cfg, config, section):
+    """cfg with the fields that our checkpoint's config dict sets: config[section] when the trainer nested it
+    there (train_ar.py writes {"gpt": ..., "train": ...}), else the top level. Fields not in cfg are ignored."""
     if not config:
         return cfg
+    sub = config.get(section) if isinstance(config.get(section), dict) else config
     fields = {f.name for f in dataclasses.fields(cfg)}
-    flat = dict(config)
-    for v in config.values():
-        if isinstance(v, dict):
-            flat.update({k: x for k, x in v.items() if k not in config})
-    found = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items() if k in fields}
-    return dataclasses.replace(cfg, **found)
+    return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items() if k in fields})
 
 
 def _load_strict(model, named, source):
@@ -841,7 +838,7 @@ def load_tokenizer(path_or_state, device="cpu"):
         cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
     except KeyError as e:
         raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
-    cfg = _overlay(cfg, config)
+    cfg = _overlay(cfg, config, "tokenizer")
     return _load_strict(Tokenizer(cfg), named, source).to(device)
 
 
@@ -866,5 +863,5 @@ def load_gpt(path_or_state, device="cpu"):
         raise ValueError(f"{source} GPT checkpoint lacks {e} (the RoPE variant is not supported)") from None
     presets = [p for p in GPT_PRESETS.values() if (p.dim, p.n_layer) == (dim, arch["n_layer"])]
     cfg = dataclasses.replace(presets[0] if presets else GPTConfig(n_head=max(1, dim // 64)), **arch)
-    cfg = _overlay(cfg, config)
+    cfg = _overlay(cfg, config, "gpt")
     return _load_strict(GPT(cfg), named, source).to(device)

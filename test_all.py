@@ -371,7 +371,9 @@ def test_load_official_gpt_round_trip_and_errors():
     codes, labels = torch.randint(0, 16384, (2, 256)), torch.tensor([3, 1000])
     with torch.no_grad():
         assert torch.equal(gpt(codes, labels), loaded(codes, labels))
-    ours = model.load_gpt({"config": dataclasses.asdict(gpt.cfg), "model": gpt.state_dict()})
+    cfg = dataclasses.replace(gpt.cfg, class_dropout=0.2)             # not visible in the shapes
+    ours = model.load_gpt({"config": {"gpt": dataclasses.asdict(cfg), "train": {"lr": 1e-3}}, "model": gpt.state_dict()})
+    assert ours.cfg == cfg
     with torch.no_grad():
         assert torch.equal(gpt(codes, labels), ours(codes, labels))
     for name, tensor in [("layers.2.attention.wqkv.weight", None), ("layers.0.feed_forward.w2.weight", torch.zeros(3, 3))]:
