@@ -390,6 +390,193 @@ def test_load_official_gpt_round_trip_and_errors():
             raise AssertionError(f"a GPT checkpoint with a bad {name} loaded")
 
 
+# ---- evaluate.py ----
+
+import evaluate
+
+# Pixel-metric inputs: numpy's legacy RandomState streams (fixed forever by numpy's compatibility policy).
+# The pinned values were computed by scikit-image 0.26.0 (numpy 2.4.6) in a throwaway venv:
+#   structural_similarity(a[i], b[i], channel_axis=-1, data_range=255), peak_signal_noise_ratio(a[i], b[i])
+# and for the smooth pair structural_similarity(c, d, channel_axis=-1, data_range=255), peak_signal_noise_ratio(c, d).
+SKIMAGE_SSIM = [0.951347405594721, 0.9518577889783452, -0.9792334555345645]
+SKIMAGE_PSNR = [21.139461109853933, 21.126845630510026, 4.622614700460687]
+SKIMAGE_SMOOTH = (0.922857673534757, 18.82325216556331)
+
+
+def _pixel_metric_inputs():
+    a = np.random.RandomState(0).randint(0, 256, (3, 20, 23, 3)).astype(np.uint8)
+    noise = np.random.RandomState(1).randint(-40, 41, a.shape)
+    b = np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8)
+    b[2] = 255 - a[2]                                        # a pair with negative SSIM
+    yy, xx = np.mgrid[0:32, 0:40]
+    c = np.stack([127.5 + 120 * np.sin(xx / (3 + k) + yy / (5 - k)) for k in range(3)], -1).round().astype(np.uint8)
+    return a, b, c, np.roll(c, 1, axis=1)                    # smooth image and its 1-pixel shift
+
+
+def test_ssim_psnr_match_scikit_image():
+    a, b, c, d = _pixel_metric_inputs()
+    assert np.allclose(evaluate.ssim(a, b), SKIMAGE_SSIM, rtol=0, atol=1e-4)
+    assert np.allclose(evaluate.psnr(a, b), SKIMAGE_PSNR, rtol=0, atol=1e-4)
+    assert abs(evaluate.ssim(c, d) - SKIMAGE_SMOOTH[0]) < 1e-4 and abs(evaluate.psnr(c, d) - SKIMAGE_SMOOTH[1]) < 1e-4
+    assert isinstance(evaluate.ssim(a[0], b[0]), float) and abs(evaluate.ssim(a[0], b[0]) - SKIMAGE_SSIM[0]) < 1e-4
+    assert evaluate.ssim(a[0], a[0]) == 1.0 and evaluate.psnr(a[0], a[0]) == float("inf")
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 1.5]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert evaluate.to_uint8(x)[0, 0, :, 0].tolist() == [0, 64, 128, 255, 255, 255]  # clamp(127.5 x + 128)
+
+
+def test_frechet_distance_closed_forms():
+    rs = np.random.RandomState(0)
+    d = 12
+    mu1, mu2 = rs.randn(d), rs.randn(d)
+    q, _ = np.linalg.qr(rs.randn(d, d))                      # commuting covariances: one shared eigenbasis
+    l1, l2 = rs.uniform(0.1, 3, d), rs.uniform(0.1, 3, d)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(l1) - np.sqrt(l2)) ** 2).sum()
+    fd = evaluate.frechet_distance
+    assert abs(fd(mu1, (q * l1) @ q.T, mu2, (q * l2) @ q.T) - exact) < 1e-9 * exact
+    assert abs(fd(mu1, np.diag(l1), mu2, np.diag(l2)) - exact) < 1e-9 * exact
+    assert abs(fd([1.0], [[4.0]], [3.0], [[9.0]]) - (4 + 1)) < 1e-12  # 1-D: (m1 - m2)^2 + (std1 - std2)^2
+    assert abs(fd(mu1, np.diag(l1), mu1, np.diag(l1))) < 1e-9
+    # a non-commuting 2x2 pair: tr sqrt(P) = sqrt(tr P + 2 sqrt(det P)) for P = S1 S2 (positive eigenvalues)
+    s1, s2 = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([[1.0, -0.3], [-0.3, 0.5]])
+    p = s1 @ s2
+    exact = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(p) + 2 * np.sqrt(np.linalg.det(p)))
+    assert abs(fd(np.zeros(2), s1, np.zeros(2), s2) - exact) < 1e-12
+
+
+def test_frechet_distance_matches_scipy_sqrtm_reference():
+    # values from pytorch-fid 0.3.0's calculate_frechet_distance (scipy 1.17.1 linalg.sqrtm) on these inputs,
+    # computed in a throwaway venv; the last case has N < D (singular covariances, as with few images)
+    pinned = {(500, 16, 0): 96.28564153946587, (300, 64, 1): 2059.6766017565105, (20, 32, 2): 871.5328835264435}
+    for (n, d, seed), ref in pinned.items():
+        rs = np.random.RandomState(seed)
+        x = rs.randn(n, d) @ rs.randn(d, d)
+        y = rs.randn(n, d) @ rs.randn(d, d) * 0.7 + 0.3
+        (m1, s1), (m2, s2) = evaluate.feature_stats(x), evaluate.feature_stats(y)
+        assert abs(evaluate.frechet_distance(m1, s1, m2, s2) - ref) < 1e-6 * ref, (n, d, seed)
+
+
+def test_inception_score_extremes():
+    c = 8
+    confident = torch.full((800, c), -30.0)
+    confident[torch.arange(800), torch.arange(800) % c] = 30.0  # every chunk: each class equally often, sure
+    mean, std = evaluate.inception_score(confident.numpy(), splits=10)
+    assert abs(mean - c) < 1e-6 and std < 1e-6
+    mean, _ = evaluate.inception_score(np.random.RandomState(0).randn(1, c).repeat(500, 0))  # p(y|x) = p(y)
+    assert abs(mean - 1) < 1e-9
+
+
+def test_precision_recall_identical_and_disjoint_sets():
+    rs = np.random.RandomState(0)
+    real = rs.randn(300, 16)
+    assert evaluate.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert evaluate.precision_recall(real, rs.randn(300, 16) + 100) == (0.0, 0.0)
+    p, r = evaluate.precision_recall(real, rs.randn(300, 16) * 0.3)  # fakes collapsed into the center:
+    assert p > 0.9 and r < 0.5, (p, r)                                # precise but low recall
+
+
+# Every conv of the FID Inception weights file as `name=out x in x kh x kw`; each has a BatchNorm of `out`
+# channels (weight, bias, running_mean, running_var) beside it, then fc 1008x2048 (+ bias). Obtained from
+# pytorch-fid 0.3.0's FID network built in a throwaway venv (torchvision's Inception3(num_classes=1008,
+# aux_logits=False) with pytorch-fid's FIDInceptionA/C/E_1/E_2 blocks), whose state dict the file fills strictly.
+INCEPTION_CONVS = """
+Conv2d_1a_3x3=32x3x3x3 Conv2d_2a_3x3=32x32x3x3 Conv2d_2b_3x3=64x32x3x3 Conv2d_3b_1x1=80x64x1x1
+    Conv2d_4a_3x3=192x80x3x3
+Mixed_5b: branch1x1=64x192x1x1 branch5x5_1=48x192x1x1 branch5x5_2=64x48x5x5 branch3x3dbl_1=64x192x1x1
+    branch3x3dbl_2=96x64x3x3 branch3x3dbl_3=96x96x3x3 branch_pool=32x192x1x1
+Mixed_5c: branch1x1=64x256x1x1 branch5x5_1=48x256x1x1 branch5x5_2=64x48x5x5 branch3x3dbl_1=64x256x1x1
+    branch3x3dbl_2=96x64x3x3 branch3x3dbl_3=96x96x3x3 branch_pool=64x256x1x1
+Mixed_5d: branch1x1=64x288x1x1 branch5x5_1=48x288x1x1 branch5x5_2=64x48x5x5 branch3x3dbl_1=64x288x1x1
+    branch3x3dbl_2=96x64x3x3 branch3x3dbl_3=96x96x3x3 branch_pool=64x288x1x1
+Mixed_6a: branch3x3=384x288x3x3 branch3x3dbl_1=64x288x1x1 branch3x3dbl_2=96x64x3x3 branch3x3dbl_3=96x96x3x3
+Mixed_6b: branch1x1=192x768x1x1 branch7x7_1=128x768x1x1 branch7x7_2=128x128x1x7 branch7x7_3=192x128x7x1
+    branch7x7dbl_1=128x768x1x1 branch7x7dbl_2=128x128x7x1 branch7x7dbl_3=128x128x1x7
+    branch7x7dbl_4=128x128x7x1 branch7x7dbl_5=192x128x1x7 branch_pool=192x768x1x1
+Mixed_6c: branch1x1=192x768x1x1 branch7x7_1=160x768x1x1 branch7x7_2=160x160x1x7 branch7x7_3=192x160x7x1
+    branch7x7dbl_1=160x768x1x1 branch7x7dbl_2=160x160x7x1 branch7x7dbl_3=160x160x1x7
+    branch7x7dbl_4=160x160x7x1 branch7x7dbl_5=192x160x1x7 branch_pool=192x768x1x1
+Mixed_6d: branch1x1=192x768x1x1 branch7x7_1=160x768x1x1 branch7x7_2=160x160x1x7 branch7x7_3=192x160x7x1
+    branch7x7dbl_1=160x768x1x1 branch7x7dbl_2=160x160x7x1 branch7x7dbl_3=160x160x1x7
+    branch7x7dbl_4=160x160x7x1 branch7x7dbl_5=192x160x1x7 branch_pool=192x768x1x1
+Mixed_6e: branch1x1=192x768x1x1 branch7x7_1=192x768x1x1 branch7x7_2=192x192x1x7 branch7x7_3=192x192x7x1
+    branch7x7dbl_1=192x768x1x1 branch7x7dbl_2=192x192x7x1 branch7x7dbl_3=192x192x1x7
+    branch7x7dbl_4=192x192x7x1 branch7x7dbl_5=192x192x1x7 branch_pool=192x768x1x1
+Mixed_7a: branch3x3_1=192x768x1x1 branch3x3_2=320x192x3x3 branch7x7x3_1=192x768x1x1
+    branch7x7x3_2=192x192x1x7 branch7x7x3_3=192x192x7x1 branch7x7x3_4=192x192x3x3
+Mixed_7b: branch1x1=320x1280x1x1 branch3x3_1=384x1280x1x1 branch3x3_2a=384x384x1x3 branch3x3_2b=384x384x3x1
+    branch3x3dbl_1=448x1280x1x1 branch3x3dbl_2=384x448x3x3 branch3x3dbl_3a=384x384x1x3
+    branch3x3dbl_3b=384x384x3x1 branch_pool=192x1280x1x1
+Mixed_7c: branch1x1=320x2048x1x1 branch3x3_1=384x2048x1x1 branch3x3_2a=384x384x1x3 branch3x3_2b=384x384x3x1
+    branch3x3dbl_1=448x2048x1x1 branch3x3dbl_2=384x448x3x3 branch3x3dbl_3a=384x384x1x3
+    branch3x3dbl_3b=384x384x3x1 branch_pool=192x2048x1x1
+"""
+
+
+def test_inception_state_dict_matches_fid_weights_table():
+    expected, block = {}, ""
+    for tok in INCEPTION_CONVS.split():
+        if tok.endswith(":"):
+            block = tok[:-1] + "."
+            continue
+        name, shape = tok.split("=")
+        shape = tuple(int(s) for s in shape.split("x"))
+        expected[f"{block}{name}.conv.weight"] = shape
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            expected[f"{block}{name}.bn.{t}"] = shape[:1]
+    expected.update({"fc.weight": (1008, 2048), "fc.bias": (1008,)})
+    net = evaluate.InceptionV3()
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(expected) == 472 and ours == expected
+    assert sum(math.prod(s) for s in expected.values()) == 23_885_392
+
+
+def _inception_test_weights(sd):
+    """Deterministic, well-scaled weights for every tensor (sorted names, one torch.Generator)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for k in sorted(sd):
+        v = sd[k]
+        if k.endswith("num_batches_tracked"):
+            out[k] = v.clone()
+        elif k.endswith("running_var"):
+            out[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith(("running_mean", "bias")):
+            out[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif k.endswith("bn.weight"):
+            out[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            out[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+    return out
+
+
+def test_inception_forward_matches_pytorch_fid_on_fixed_weights():
+    # Reference: pytorch-fid 0.3.0's own InceptionV3([3]) wrapper (resize, scaling, blocks), its fid_inception_v3()
+    # filled with _inception_test_weights instead of the downloaded file, on the same input, in a throwaway venv:
+    # pool = net(x)[0].flatten(1), logits = pool @ fc.weight.T. Our module reproduced it bit for bit there.
+    net = evaluate.InceptionV3()
+    net.load_state_dict(_inception_test_weights(net.state_dict()))
+    yy, xx = torch.meshgrid(torch.arange(40.), torch.arange(48.), indexing="ij")
+    x = torch.stack([torch.stack([(torch.sin(xx * (c + 1) / 7 + yy * (n + 1) / 5) + 1) / 2 for c in range(3)])
+                     for n in range(2)])                     # (2, 3, 40, 48) in [0, 1]
+    with torch.no_grad():
+        pool, logits = net(x)
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+    close = lambda t, ref: torch.allclose(t, torch.tensor(ref), rtol=1e-4, atol=1e-4)
+    assert close(pool.sum(1), [1919.18725586, 2029.49072266])
+    assert close(pool[:, :4], [[2.57894492, 0.0, 0.97330391, 0.85627365], [2.84315348, 0.0, 0.94179320, 0.94803500]])
+    assert close(logits.sum(1), [33.75212860, 32.77136993])
+    assert close(logits[:, :4], [[-1.29854167, 0.98458344, -0.86808312, -0.92843902],
+                                 [-1.29457831, 1.00644469, -0.98603594, -0.94945979]])
+
+
+def test_inception_weights_absent_message():
+    try:
+        evaluate.load_inception("/nonexistent/pt_inception.pth")
+    except RuntimeError as e:
+        assert "pt_inception-2015-12-05-6726825d.pth" in str(e) and "--inception_path" in str(e), str(e)
+    else:
+        raise AssertionError("no error for a missing weights file")
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
