@@ -18,13 +18,19 @@ Protocol (spec section 6, and README "Evaluation"):
     python evaluate.py --gpt=out/ar/ckpt.pt --tokenizer=out/tok/ckpt.pt --probe=True      # AR linear probe
     torchrun --nproc_per_node=8 evaluate.py ...                     # sharded over ranks
 """
+import json
 import math
 import os
+import zipfile
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import model
 
 # -----------------------------------------------------------------------------------------------------------
 # Pixel metrics on saved (uint8) images
@@ -256,9 +262,10 @@ def feature_stats(feats):
 
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) over `splits` equal chunks (the remainder is dropped, as the original code
-    does) -> (mean, std) over the chunks. logits: (N, 1008)."""
+    does) -> (mean, std) over the chunks. logits: (n, 1008)."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     logp = torch.log_softmax(logits, 1)
+    splits = min(splits, len(logp))                                      # tiny test sets: one image per chunk
     n = len(logp) // splits
     scores = []
     for k in range(splits):
@@ -296,3 +303,381 @@ def precision_recall(real, fake, k=3):
     precision = _in_manifold(fake, real, _kth_nn_radius(real, k))
     recall = _in_manifold(real, fake, _kth_nn_radius(fake, k))
     return precision, recall
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Across processes: each rank handles images rank, rank + world, ...; the rows come back together on every rank.
+
+
+def gather_rows(x, world):
+    """(n_rank, ...) numpy array on every rank -> all ranks' rows concatenated (rank-major order)."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, x)
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def inception_features(net, images, batch=50, device="cpu", desc="inception", rank=0):
+    """(n, H, W, 3) uint8 (array, or list of arrays) -> pool (n, 2048), logits (n, 1008), float64 numpy."""
+    pools, logits = [], []
+    for i in tqdm(range(0, len(images), batch), desc=desc, disable=rank != 0, leave=False):
+        x = torch.from_numpy(np.stack(images[i:i + batch])).to(device).permute(0, 3, 1, 2).float() / 255
+        p, l = net(x)
+        pools.append(p.double().cpu().numpy())
+        logits.append(l.double().cpu().numpy())
+    if not pools:
+        return np.zeros((0, 2048)), np.zeros((0, 1008))
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+class ImageSet:
+    """Images to measure, read in row ranges so that 50k of them never sit in memory at once: a folder (searched
+    recursively, sorted by path) or an .npz whose arr_0 is (n, H, W, 3) uint8 (sample.py's and ADM's format).
+    `has_images` is False for an .npz that only holds statistics (mu, sigma)."""
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+    def __init__(self, path):
+        self.path, self.files, self.n = path, None, 0
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(self.exts))
+            self.n = len(self.files)
+        elif "arr_0.npy" in zipfile.ZipFile(path).namelist():
+            with zipfile.ZipFile(path).open("arr_0.npy") as f:          # the .npy header, then raw rows
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, self.dtype = read(f)
+                self.offset = f.tell()
+            assert not fortran and len(shape) == 4 and shape[-1] == 3 and self.dtype == np.uint8, (path, shape, self.dtype)
+            self.n, self.shape = shape[0], shape[1:]
+        self.has_images = self.n > 0
+
+    def __len__(self):
+        return self.n
+
+    def rows(self, i, j):  # -> (j - i, H, W, 3) uint8
+        from PIL import Image
+        if self.files is not None:
+            return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in self.files[i:j]])
+        size = int(np.prod(self.shape))
+        with zipfile.ZipFile(self.path).open("arr_0.npy") as f:
+            f.seek(self.offset + i * size)
+            return np.frombuffer(f.read((j - i) * size), np.uint8).reshape(j - i, *self.shape)
+
+
+def shard(n, rank, world):
+    """Contiguous row range of this rank, so that gathering in rank order restores the original order."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def image_set_features(net, images, batch, device, rank, world, desc):
+    """Inception features of every image of an ImageSet, computed in shards, gathered on every rank."""
+    lo, hi = shard(len(images), rank, world)
+    pools, logits = [], []
+    for i in tqdm(range(lo, hi, batch), desc=desc, disable=rank != 0):
+        p, l = inception_features(net, images.rows(i, min(i + batch, hi)), batch, device, rank=1)
+        pools.append(p.astype(np.float32))
+        logits.append(l.astype(np.float32))
+    pools = np.concatenate(pools) if pools else np.zeros((0, 2048), np.float32)
+    logits = np.concatenate(logits) if logits else np.zeros((0, 1008), np.float32)
+    return gather_rows(pools, world), gather_rows(logits, world)
+
+
+def reference_stats(ref, net, batch, device, rank, world, cache):
+    """-> dict(mu, sigma[, pool]) of a reference: an .npz with mu/sigma (ADM's reference batches, or our cache)
+    and/or images (arr_0), or a folder. Stored mu/sigma win, as in ADM's evaluator (for ADM's files they come
+    from the TensorFlow graph); pool features (for precision/recall) come from the images. Computed ones are
+    cached in `cache` (.npz with mu, sigma, pool), which can be passed as the reference next time."""
+    stored = {}
+    if not os.path.isdir(ref):
+        with np.load(ref) as z:
+            stored = {k: z[k] for k in ("mu", "sigma", "pool") if k in z.files}
+    images = ImageSet(ref)
+    if "pool" not in stored and images.has_images:
+        if net is None:
+            return stored
+        pool, _ = image_set_features(net, images, batch, device, rank, world, f"reference {os.path.basename(ref)}")
+        stored["pool"] = pool
+        if "mu" not in stored:
+            stored["mu"], stored["sigma"] = feature_stats(pool)
+        if rank == 0:
+            np.savez(cache, **stored)
+            print(f"reference statistics cached in {cache}")
+    return stored
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Reports
+
+
+@torch.no_grad()
+def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None, lpips=None, out_dir="."):
+    """Reconstruct every image of `dataset` (items (x (3, H, W) in [-1, 1], label), center-cropped by the dataset)
+    through the codes, as the official evaluation does: encode -> indices -> decode. PSNR and SSIM compare the
+    uint8 images one would save (the original quantized the same way); LPIPS takes the float images, the
+    reconstruction unclamped; usage counts distinct codes over the whole set; rFID compares the Inception
+    statistics of the reconstructions with those of the same originals."""
+    n = min(len(dataset), cfg.num_images or len(dataset))
+    lo, hi = shard(n, rank, world)
+    sums = torch.zeros(3, dtype=torch.float64)                              # psnr, ssim, lpips
+    used = torch.zeros(tok.cfg.codebook_size, dtype=torch.bool)
+    feats = {"orig": [], "recon": []}
+    grid = None
+    for i in tqdm(range(lo, hi, cfg.batch_size), desc="reconstructing", disable=rank != 0):
+        x = torch.stack([dataset[j][0] for j in range(i, min(i + cfg.batch_size, hi))]).to(device)
+        codes = tok.encode(x)                                               # (B, N)
+        recon = tok.decode(codes).float()                                   # (B, 3, H, W), unclamped
+        orig8, recon8 = to_uint8(x), to_uint8(recon)
+        sums[0] += psnr(orig8, recon8).sum()
+        sums[1] += ssim(orig8, recon8).sum()
+        if lpips is not None:
+            sums[2] += lpips(x, recon).double().sum().cpu()
+        used[codes.flatten().cpu()] = True
+        if inception is not None:
+            feats["orig"].append(inception_features(inception, orig8, len(orig8), device, rank=1)[0])
+            feats["recon"].append(inception_features(inception, recon8, len(recon8), device, rank=1)[0])
+        if grid is None:
+            grid = np.concatenate([np.concatenate(list(orig8[:8]), 1), np.concatenate(list(recon8[:8]), 1)], 0)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(sums)
+        u = used.to(device=device, dtype=torch.uint8)
+        dist.all_reduce(u, op=dist.ReduceOp.MAX)
+        used = u.bool().cpu()
+    out = dict(images=n, psnr=float(sums[0]) / n, ssim=float(sums[1]) / n,
+               lpips=float(sums[2]) / n if lpips is not None else None,
+               codebook_usage=float(used.float().mean()), codes_used=int(used.sum()))
+    if inception is not None:
+        orig, recon = (gather_rows(np.concatenate(feats[k]), world) for k in ("orig", "recon"))
+        out["rfid"] = frechet_distance(*feature_stats(orig), *feature_stats(recon))
+    if rank == 0 and grid is not None:
+        from PIL import Image
+        out["grid"] = os.path.join(out_dir, "reconstructions.png")
+        Image.fromarray(grid).save(out["grid"])                            # top: originals, bottom: reconstructions
+    return out
+
+
+def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir="."):
+    """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see reference_stats)."""
+    images = ImageSet(samples)
+    assert images.has_images, f"no images in {samples} (expected a folder of images or an .npz with arr_0)"
+    pool, logits = image_set_features(inception, images, cfg.batch_size, device, rank, world, "samples")
+    out = dict(samples=len(images))
+    out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
+    if ref:
+        name = os.path.splitext(os.path.basename(os.path.normpath(ref)))[0]
+        stats = reference_stats(ref, inception, cfg.batch_size, device, rank, world,
+                                os.path.join(out_dir, f"ref-{name}-inception.npz"))
+        out["gfid"] = frechet_distance(*feature_stats(pool), stats["mu"], stats["sigma"])
+        if "pool" in stats:
+            out["precision"], out["recall"] = precision_recall(stats["pool"], pool, k=3)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# AR linear probing (spec 5.4): what the AR model's hidden states know about the class, without being told it.
+
+
+@torch.no_grad()
+def probe_features(gpt, codes, batch=64, device="cpu"):
+    """codes (n, N) -> (n, dim): the GPT run with the null class on [null, codes[:, :-1]], the hidden state after
+    layer n_layer // 2, mean-pooled over all N positions (null position included), as the official probe."""
+    gpt.eval()
+    feats = []
+    for i in range(0, len(codes), batch):
+        c = torch.as_tensor(codes[i:i + batch]).long().to(device)
+        null = torch.full((len(c),), gpt.cfg.num_classes, dtype=torch.long, device=device)
+        h = gpt(c, null, hidden_layer=gpt.cfg.n_layer // 2)                 # (B, N, dim)
+        feats.append(h.float().mean(1).cpu())
+    return torch.cat(feats)
+
+
+def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, lr=0.1, batch=128, seed=0):
+    """BatchNorm1d(no affine) + Linear on frozen features, trained with cross-entropy; -> top-1 on val (%).
+    As the official probe: lr = base lr * batch / 256, 10/90 of the epochs of linear warmup, then a half-cosine
+    to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9 instead of LARS."""
+    g = torch.Generator().manual_seed(seed)
+    probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6), nn.Linear(train_x.shape[1], num_classes))
+    with torch.no_grad():
+        nn.init.trunc_normal_(probe[1].weight, std=0.01, generator=g)
+        probe[1].bias.zero_()
+    peak = lr * batch / 256
+    opt = torch.optim.SGD(probe.parameters(), lr=peak, momentum=0.9, weight_decay=0)
+    steps_per_epoch = math.ceil(len(train_x) / batch)
+    total, warmup = epochs * steps_per_epoch, epochs * steps_per_epoch // 9
+    step = 0
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=g)
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            if len(idx) < 2:                                                  # BatchNorm needs two samples
+                continue
+            t = (step - warmup) / max(1, total - warmup)
+            for group in opt.param_groups:
+                group["lr"] = peak * (step + 1) / warmup if step < warmup else peak * 0.5 * (1 + math.cos(math.pi * t))
+            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    probe.eval()
+    with torch.no_grad():
+        return 100.0 * float((probe(val_x).argmax(1) == val_y).float().mean())
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The semantic picture (paper Figure 8)
+
+
+@torch.no_grad()
+def pca_picture(tok, x, path):
+    """Decoder features at the semantically regularized layer (aux['dec_feat'], (B, grid^2, C)) of a few images
+    of one class; one PCA over all their tokens; the first three components, each min-max scaled over the set,
+    shown as RGB under each image. With semantic regularization, the same parts of different images get the
+    same colours."""
+    from PIL import Image
+    _, aux = tok(x)
+    f = aux["dec_feat"].double()                                            # (B, g*g, C)
+    B, L, C = f.shape
+    g = math.isqrt(L)
+    flat = f.reshape(-1, C)
+    flat = flat - flat.mean(0)
+    _, vecs = torch.linalg.eigh(flat.T @ flat)                             # ascending eigenvalues
+    proj = flat @ vecs[:, -3:].flip(1)                                      # (B*g*g, 3): components 1, 2, 3
+    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values + 1e-12)
+    maps = proj.reshape(B, g, g, 3).permute(0, 3, 1, 2).float()
+    maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest")          # (B, 3, H, W) in [0, 1]
+    top = to_uint8(x)
+    bottom = (maps * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    Image.fromarray(np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bottom), 1)], 0)).save(path)
+    return path
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The script
+
+
+@dataclass
+class EvalConfig:
+    tokenizer: str = ""         # tokenizer checkpoint (ours or official): reconstruction report + PCA picture
+    data: str = "synthetic"     # images to reconstruct / probe: "synthetic" (embedded set) or an ImageFolder root
+    split: str = "val"          # split to reconstruct (the paper: ImageNet val, 50k, center crop)
+    num_images: int = 0         # reconstruct only the first n images of the split; 0 = all
+    samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation report
+    ref: str = ""               # gFID reference: .npz (ADM reference batch arr_0/mu/sigma, or our cache) or a folder
+    gpt: str = ""               # AR checkpoint: linear probe (tokenizer: --tokenizer, else the one it was trained on)
+    probe_epochs: int = 90      # official: 90 (10 of warmup)
+    probe_lr: float = 0.1       # base lr, scaled by probe_batch / 256 (official blr 0.1)
+    probe_batch: int = 128      # official: 128 per GPU
+    pca: bool = True            # with --tokenizer: the PCA picture of one class's decoder features (Fig. 8)
+    inception_path: str = ""    # pt_inception-2015-12-05-6726825d.pth; "" = torch.hub's cache
+    lpips: bool = True          # LPIPS-VGG in the reconstruction report (needs the VGG16 and LPIPS weights)
+    vgg_path: str = ""          # VGG16 ImageNet weights; "" = torch.hub's cache (downloads if online)
+    lpips_lin_path: str = ""    # LPIPS v0.1 linear heads (vgg.pth); "" = torch.hub's cache
+    batch_size: int = 32        # images per forward pass, per process
+    out_dir: str = ""           # eval.json and PNGs; "" = beside the first checkpoint / samples given
+    seed: int = 0
+
+
+def print_table(results):
+    for section, values in results.items():
+        print(f"{section}:")
+        for k, v in values.items():
+            print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+
+
+@torch.no_grad()
+def encode_all(tok, dataset, batch, device, rank, world, desc):
+    """Codes (n, N) and labels (n,) of every image of `dataset`, computed in shards, gathered on every rank."""
+    lo, hi = shard(len(dataset), rank, world)
+    codes, labels = [np.zeros((0, tok.cfg.num_tokens), np.int64)], []
+    for i in tqdm(range(lo, hi, batch), desc=desc, disable=rank != 0):
+        items = [dataset[j] for j in range(i, min(i + batch, hi))]
+        codes.append(tok.encode(torch.stack([x for x, _ in items]).to(device)).cpu().numpy())
+        labels += [int(y) for _, y in items]
+    return gather_rows(np.concatenate(codes), world), gather_rows(np.array(labels, np.int64), world)
+
+
+def main(cfg: EvalConfig):
+    from train_tokenizer import cleanup_distributed, eval_dataset, setup_distributed
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    assert cfg.tokenizer or cfg.samples or cfg.gpt, "nothing to evaluate: pass --tokenizer, --samples and/or --gpt"
+    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.gpt or cfg.samples)) or "."
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    results, notes = {}, []
+    try:
+        inception = load_inception(cfg.inception_path or None, device)
+    except RuntimeError as e:
+        inception = None
+        notes.append(f"{e}. FID, IS, precision and recall are skipped; the other metrics are computed.")
+
+    gpt_config = {}
+    if cfg.gpt:
+        ckpt = model._read_checkpoint(cfg.gpt)
+        gpt_config = ckpt.get("config") or {}
+        gpt = model.load_gpt(ckpt, device=device)
+    tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")
+    tok = model.load_tokenizer(tok_path, device=device) if tok_path else None  # eval mode, fp32 as official
+
+    if cfg.tokenizer:
+        lpips = None
+        if cfg.lpips:
+            try:
+                lpips = model.load_lpips(model.LPIPS(), cfg.vgg_path or None, cfg.lpips_lin_path or None).to(device).eval()
+            except RuntimeError as e:
+                notes.append(f"LPIPS skipped: {e}")
+        data = eval_dataset(cfg.data, cfg.split, tok.cfg.image_size)          # center crop, [-1, 1]
+        rec = reconstruction_report(tok, data, cfg, device, rank, world, inception, lpips, out_dir)
+        if cfg.pca and tok.cfg.kind == "1d" and master:
+            by_class = {}
+            for i in range(min(len(data), 2000)):
+                x, y = data[i]
+                by_class.setdefault(int(y), []).append(x)
+                if len(by_class[int(y)]) == 6:
+                    rec["pca"] = pca_picture(tok, torch.stack(by_class[int(y)]).to(device),
+                                             os.path.join(out_dir, f"pca-class{y}.png"))
+                    break
+        results["reconstruction"] = rec
+
+    if cfg.samples:
+        if inception is None:
+            notes.append("generation report skipped: it needs the Inception weights")
+        else:
+            results["generation"] = generation_report(cfg.samples, cfg.ref, cfg, device, rank, world, inception, out_dir)
+
+    if cfg.gpt:
+        assert tok is not None, f"{cfg.gpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
+        feats = {}
+        for split in ("train", "val"):  # center crops for both (the official probe trains on random crops + flips)
+            data = eval_dataset(cfg.data, split, tok.cfg.image_size)
+            codes, labels = encode_all(tok, data, cfg.batch_size, device, rank, world, f"encoding {split}")
+            lo, hi = shard(len(codes), rank, world)
+            f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
+            feats[split] = (torch.from_numpy(gather_rows(f, world)), torch.from_numpy(labels))
+        if master:
+            acc = train_linear_probe(*feats["train"], *feats["val"], gpt.cfg.num_classes, cfg.probe_epochs,
+                                     cfg.probe_lr, cfg.probe_batch, cfg.seed)
+            results["linear_probe"] = dict(layer=gpt.cfg.n_layer // 2, train_images=len(feats["train"][0]),
+                                           val_images=len(feats["val"][0]), top1=acc,
+                                           chance=100.0 / gpt.cfg.num_classes)
+
+    if master:
+        for note in notes:
+            print("note:", note)
+        print_table(results)
+        path = os.path.join(out_dir, "eval.json")
+        with open(path, "w") as f:
+            json.dump(dict(results=results, notes=notes, config=asdict(cfg)), f, indent=1)
+        print(f"wrote {path}")
+    cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    from train_tokenizer import parse_config
+    main(parse_config(EvalConfig()))

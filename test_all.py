@@ -474,6 +474,81 @@ def test_precision_recall_identical_and_disjoint_sets():
     assert p > 0.9 and r < 0.5, (p, r)                                # precise but low recall
 
 
+def test_ar_linear_probe_above_chance_on_a_toy_ar_model():
+    # codes of 4 classes (half of each image's codes from its class's own quarter of the vocabulary), a tiny GPT
+    # trained on them in-process, then the official probe protocol: null class, layer n/2, mean over positions
+    def class_codes(n, seed, classes=4, vocab=32, N=16):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % classes
+        own = y[:, None] * (vocab // classes) + torch.randint(vocab // classes, (n, N), generator=g)
+        return torch.where(torch.rand(n, N, generator=g) < 0.5, own, torch.randint(vocab, (n, N), generator=g)), y
+    (x, y), (vx, vy) = class_codes(400, 0), class_codes(200, 1)
+    torch.manual_seed(0)
+    gpt = GPT(model.GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, dim=32, num_classes=4))
+    opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
+    for _ in range(60):
+        idx = torch.randint(400, (64,))
+        loss = F.cross_entropy(gpt(x[idx], y[idx]).flatten(0, 1), x[idx].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < math.log(32) - 0.1                  # it learned something about the codes
+    train_f, val_f = evaluate.probe_features(gpt, x), evaluate.probe_features(gpt, vx)
+    assert train_f.shape == (400, 32)
+    acc = evaluate.train_linear_probe(train_f, y, val_f, vy, 4, epochs=10, batch=64)
+    assert acc > 80, acc                                      # chance: 25%
+    shuffled = evaluate.train_linear_probe(train_f, y[torch.randperm(400)], val_f, vy, 4, epochs=10, batch=64)
+    assert shuffled < 50, shuffled                            # nothing to learn from permuted labels
+
+
+def test_generation_report_reads_npz_and_folders_and_adm_reference_stats():
+    from PIL import Image
+    imgs = np.random.RandomState(0).randint(0, 256, (6, 24, 24, 3)).astype(np.uint8)
+    net = evaluate.InceptionV3()
+    net.load_state_dict(_inception_test_weights(net.state_dict()))
+    cfg = evaluate.EvalConfig(batch_size=4)
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(os.path.join(d, "samples.npz"), arr_0=imgs, labels=np.arange(6))    # sample.py's format
+        os.makedirs(os.path.join(d, "ref", "sub"))
+        for i, im in enumerate(imgs):                                                 # the same, as nested PNGs
+            Image.fromarray(im).save(os.path.join(d, "ref", "sub" if i % 2 else "", f"{i:03d}.png"))
+        npz, folder = evaluate.ImageSet(os.path.join(d, "samples.npz")), evaluate.ImageSet(os.path.join(d, "ref"))
+        assert len(npz) == len(folder) == 6 and (npz.rows(2, 5) == imgs[2:5]).all()
+        out = evaluate.generation_report(os.path.join(d, "samples.npz"), os.path.join(d, "ref"), cfg, "cpu", 0, 1, net, d)
+        assert abs(out["gfid"]) < 1e-3 and out["precision"] == out["recall"] == 1.0, out  # float32 features
+        cache = os.path.join(d, "ref-ref-inception.npz")                              # reusable as --ref
+        assert set(np.load(cache).files) == {"mu", "sigma", "pool"}
+        # ADM's reference-batch layout: images (arr_0) + stored statistics; the stored mu / sigma are used
+        pool = np.load(cache)["pool"]
+        mu, sigma = evaluate.feature_stats(pool[:4])
+        np.savez(os.path.join(d, "adm.npz"), arr_0=imgs, mu=mu, sigma=sigma)
+        out2 = evaluate.generation_report(os.path.join(d, "samples.npz"), os.path.join(d, "adm.npz"), cfg, "cpu", 0, 1, net, d)
+        assert abs(out2["gfid"] - evaluate.frechet_distance(*evaluate.feature_stats(pool), mu, sigma)) < 1e-6
+        assert out2["precision"] == 1.0 and out2["inception_score"] == out["inception_score"]
+
+
+def test_reconstruction_report_equals_direct_computation():
+    torch.manual_seed(0)
+    tok = Tokenizer(toy_cfg()).eval()
+    x = torch.rand(6, 3, 64, 64) * 2 - 1
+    data = [(x[i], i % 2) for i in range(6)]
+    lpips = model.LPIPS().eval()
+    with tempfile.TemporaryDirectory() as d:
+        out = evaluate.reconstruction_report(tok, data, evaluate.EvalConfig(batch_size=4), "cpu", 0, 1,
+                                             evaluate.InceptionV3(), lpips, d)
+        assert os.path.exists(out["grid"])
+        assert os.path.exists(evaluate.pca_picture(tok, x[:3], os.path.join(d, "pca.png")))
+    with torch.no_grad():
+        codes = tok.encode(x)
+        recon = tok.decode(codes)
+        o8, r8 = evaluate.to_uint8(x), evaluate.to_uint8(recon)
+        assert abs(out["psnr"] - evaluate.psnr(o8, r8).mean()) < 1e-9
+        assert abs(out["ssim"] - evaluate.ssim(o8, r8).mean()) < 1e-9
+        assert abs(out["lpips"] - lpips(x, recon).mean().item()) < 1e-5
+    assert out["codes_used"] == len(codes.unique()) and out["codebook_usage"] == len(codes.unique()) / 1024
+    assert out["images"] == 6 and math.isfinite(out["rfid"])
+
+
 # Every conv of the FID Inception weights file as `name=out x in x kh x kw`; each has a BatchNorm of `out`
 # channels (weight, bias, running_mean, running_var) beside it, then fc 1008x2048 (+ bias). Obtained from
 # pytorch-fid 0.3.0's FID network built in a throwaway venv (torchvision's Inception3(num_classes=1008,
