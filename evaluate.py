@@ -282,7 +282,7 @@ def _kth_nn_radius(x, k, chunk=4096):
     for i in range(0, len(x), chunk):
         d = torch.cdist(x[i:i + chunk], x)
         radii.append(d.kthvalue(k + 1, dim=1).values)                    # +1: the point itself is at 0
-    return torch.cat(radii)
+    return torch.cat(radii)                                              # (N,)
 
 
 def _in_manifold(query, ref, radii, chunk=4096):
@@ -294,19 +294,20 @@ def _in_manifold(query, ref, radii, chunk=4096):
     return float(torch.cat(inside).float().mean())
 
 
-def precision_recall(real, fake, k=3):
+def precision_recall(real, fake, k=3, device="cpu"):
     """Improved precision and recall (Kynkaanniemi et al. 2019, k = 3, as ADM's evaluator): each set's
     manifold is the union of balls reaching each point's k-th nearest neighbour; precision = fraction of
     fake points inside the real manifold, recall = fraction of real points inside the fake one."""
-    real = torch.as_tensor(np.asarray(real), dtype=torch.float32)
-    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32)
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
     precision = _in_manifold(fake, real, _kth_nn_radius(real, k))
     recall = _in_manifold(real, fake, _kth_nn_radius(fake, k))
     return precision, recall
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Across processes: each rank handles images rank, rank + world, ...; the rows come back together on every rank.
+# Across processes: each rank measures one contiguous block of the images; the rows come back together on every
+# rank, in the original order.
 
 
 def gather_rows(x, world):
@@ -320,10 +321,10 @@ def gather_rows(x, world):
 
 
 @torch.no_grad()
-def inception_features(net, images, batch=50, device="cpu", desc="inception", rank=0):
-    """(n, H, W, 3) uint8 (array, or list of arrays) -> pool (n, 2048), logits (n, 1008), float64 numpy."""
+def inception_features(net, images, batch=50, device="cpu"):
+    """(n, H, W, 3) uint8 -> pool (n, 2048), logits (n, 1008), float64 numpy."""
     pools, logits = [], []
-    for i in tqdm(range(0, len(images), batch), desc=desc, disable=rank != 0, leave=False):
+    for i in range(0, len(images), batch):
         x = torch.from_numpy(np.stack(images[i:i + batch])).to(device).permute(0, 3, 1, 2).float() / 255
         p, l = net(x)
         pools.append(p.double().cpu().numpy())
@@ -377,7 +378,7 @@ def image_set_features(net, images, batch, device, rank, world, desc):
     lo, hi = shard(len(images), rank, world)
     pools, logits = [], []
     for i in tqdm(range(lo, hi, batch), desc=desc, disable=rank != 0):
-        p, l = inception_features(net, images.rows(i, min(i + batch, hi)), batch, device, rank=1)
+        p, l = inception_features(net, images.rows(i, min(i + batch, hi)), batch, device)
         pools.append(p.astype(np.float32))
         logits.append(l.astype(np.float32))
     pools = np.concatenate(pools) if pools else np.zeros((0, 2048), np.float32)
@@ -436,16 +437,16 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
             sums[2] += lpips(x, recon).double().sum().cpu()
         used[codes.flatten().cpu()] = True
         if inception is not None:
-            feats["orig"].append(inception_features(inception, orig8, len(orig8), device, rank=1)[0])
-            feats["recon"].append(inception_features(inception, recon8, len(recon8), device, rank=1)[0])
+            feats["orig"].append(inception_features(inception, orig8, len(orig8), device)[0])
+            feats["recon"].append(inception_features(inception, recon8, len(recon8), device)[0])
         if grid is None:
             grid = np.concatenate([np.concatenate(list(orig8[:8]), 1), np.concatenate(list(recon8[:8]), 1)], 0)
     if world > 1:
         import torch.distributed as dist
+        sums, used = sums.to(device), used.to(device=device, dtype=torch.uint8)  # NCCL reduces CUDA tensors only
         dist.all_reduce(sums)
-        u = used.to(device=device, dtype=torch.uint8)
-        dist.all_reduce(u, op=dist.ReduceOp.MAX)
-        used = u.bool().cpu()
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        sums, used = sums.cpu(), used.bool().cpu()
     out = dict(images=n, psnr=float(sums[0]) / n, ssim=float(sums[1]) / n,
                lpips=float(sums[2]) / n if lpips is not None else None,
                codebook_usage=float(used.float().mean()), codes_used=int(used.sum()))
@@ -472,7 +473,7 @@ def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir
                                 os.path.join(out_dir, f"ref-{name}-inception.npz"))
         out["gfid"] = frechet_distance(*feature_stats(pool), stats["mu"], stats["sigma"])
         if "pool" in stats:
-            out["precision"], out["recall"] = precision_recall(stats["pool"], pool, k=3)
+            out["precision"], out["recall"] = precision_recall(stats["pool"], pool, k=3, device=device)
     return out
 
 
