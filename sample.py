@@ -1,0 +1,196 @@
+"""
+Class-conditional image generation: the AR model writes codes token by token, the tokenizer paints them.
+
+    python sample.py                                   # toy: a labelled grid, one row per class -> out/ar-toy/samples.png
+    python sample.py --ckpt=out/ar-gpt-b/ckpt.pt --cfg_scale=1.75 --cfg_schedule=step --classes=207,360,387,974
+    torchrun --nproc_per_node=8 sample.py --ckpt=... --num_samples=50000   # PNGs + an .npz for FID (evaluate.py)
+
+Classifier-free guidance as the official generate.py (spec 5.3): the batch is doubled with the null class and
+logits = uncond + s * (cond - uncond). The "step" schedule keeps s = 1 until a fraction step_start of the codes
+is written, except the first code, which always gets the full scale (the official prefill ignores the schedule).
+"""
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model
+from train_tokenizer import barrier, cleanup_distributed, parse_config, setup_distributed
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint (ours from train_ar.py, or an official GigaTok gpt_1d one)
+    tokenizer: str = ""               # tokenizer checkpoint; "" = the one the AR model was trained on
+    cfg_scale: float = 4.0            # guidance scale s (1 = no guidance; official README images: 4.0 constant)
+    cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
+    step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
+    temperature: float = 1.0          # 0 = greedy (argmax)
+    top_k: int = 0                    # 0 = off (official default)
+    top_p: float = 1.0                # 1 = off (official default)
+    seed: int = 0
+    kv_cache: bool = True             # False: recompute the whole prefix at every step (slow; for testing)
+    classes: str = ""                 # grid rows, comma-separated class ids; "" = up to 10 evenly spaced
+    per_class: int = 8                # grid columns
+    num_samples: int = 0              # > 0: write this many images (classes uniformly at random) + an .npz
+    batch_size: int = 32              # images generated at once (per process)
+    out: str = ""                     # grid PNG path, or folder for num_samples; "" = beside the checkpoint
+    bf16: bool = True                 # bf16 autocast for the AR model on CUDA (the tokenizer decodes in fp32)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Generation
+
+def guidance_scale(i, n, scale, schedule, step_start):
+    """Scale for code i of n. Official step schedule: ratio = i / (n - 1); the first code gets the full scale."""
+    if schedule == "constant" or i == 0:
+        return scale
+    assert schedule == "step", f"unknown cfg_schedule {schedule!r}; known: constant, step"
+    return scale if i / (n - 1) >= step_start else 1.0
+
+
+def guide(logits, scale):
+    """(2B, V) logits of [conditional; null class] -> (B, V) guided logits uncond + s * (cond - uncond)."""
+    cond, uncond = logits.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """(B, V) logits -> (B,) codes: temperature, then top-k, then top-p (nucleus) filtering, then a draw."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:  # keep the smallest set of most likely codes whose probability reaches top_p
+        sorted_logits, order = logits.sort(-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p > top_p                 # the mass before this code already exceeds top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.18, temperature=1.0, top_k=0,
+             top_p=1.0, generator=None, kv_cache=True):
+    """labels (B,) -> codes (B, N), one code at a time. With guidance (cfg_scale != 1) every step runs a doubled
+    batch [labels; null class]. kv_cache=False recomputes the whole prefix each step: same codes, slower."""
+    assert not gpt.training, "generate needs gpt.eval() (train mode drops labels and applies dropout)"
+    B, N = len(labels), gpt.cfg.block_size
+    guided = cfg_scale != 1.0
+    cond = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
+    codes = labels.new_zeros(B, N)
+    if kv_cache:
+        gpt.setup_cache(len(cond), N, device=labels.device)  # positions [class token, codes 0 .. N-2]
+    try:
+        for i in range(N):
+            if kv_cache and i == 0:
+                logits = gpt.forward_cached(None, cond, 0)                    # (2B, 1, V): the class token
+            elif kv_cache:
+                prev = codes[:, i - 1:i]
+                logits = gpt.forward_cached(torch.cat([prev, prev]) if guided else prev, None, i)
+            else:  # forward() reads codes[:, :i] and predicts code i at its last position; the last column is a dummy
+                x = codes[:, :i + 1]
+                logits = gpt(torch.cat([x, x]) if guided else x, cond)
+            logits = logits[:, -1].float()
+            if guided:
+                logits = guide(logits, guidance_scale(i, N, cfg_scale, cfg_schedule, step_start))
+            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+    finally:
+        if kv_cache:
+            gpt.clear_cache()
+    return codes
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Images
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as the official sampler (127.5 x + 128, clamped)."""
+    return (127.5 * images + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def labelled_grid(rows, names, label_width=110):
+    """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class name at left."""
+    from PIL import Image, ImageDraw
+    n, H, W, _ = rows[0].shape
+    grid = Image.new("RGB", (label_width + n * W, len(rows) * H), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (row, name) in enumerate(zip(rows, names)):
+        draw.text((4, r * H + H // 2 - 6), name[:18], fill="black")
+        for c in range(n):
+            grid.paste(Image.fromarray(row[c]), (label_width + c * W, r * H))
+    return grid
+
+
+def main(cfg: SampleConfig):
+    rank, world, device = setup_distributed()
+    ckpt = model._read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
+    ours = ckpt.get("config") or {}
+    gpt = model.load_gpt(ckpt, device=device)        # eval mode
+    tok_path = cfg.tokenizer or ours.get("train", {}).get("tokenizer")
+    assert tok_path, f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
+    tok = model.load_tokenizer(tok_path, device=device)
+    assert (tok.cfg.codebook_size, tok.cfg.num_tokens) == (gpt.cfg.vocab_size, gpt.cfg.block_size), \
+        f"tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not fit the AR model " \
+        f"({gpt.cfg.vocab_size} x {gpt.cfg.block_size})"
+    names = ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
+    autocast = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
+    stats = dict(tokens=0, seconds=0.0)
+
+    def images_for(labels):
+        t0 = time.time()
+        with autocast:
+            codes = generate(gpt, labels, cfg.cfg_scale, cfg.cfg_schedule, cfg.step_start, cfg.temperature,
+                             cfg.top_k, cfg.top_p, generator, cfg.kv_cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stats["seconds"] += time.time() - t0
+        stats["tokens"] += codes.numel()
+        with torch.no_grad():
+            return to_uint8(tok.decode(codes).float())
+
+    base = os.path.splitext(cfg.ckpt)[0]
+    if cfg.num_samples == 0:  # a labelled grid, one row per class
+        n_cls = gpt.cfg.num_classes
+        classes = [int(c) for c in cfg.classes.split(",")] if cfg.classes else \
+            sorted({round(i * (n_cls - 1) / max(1, min(10, n_cls) - 1)) for i in range(min(10, n_cls))})
+        rows = []
+        for c in tqdm(classes, desc="sampling", disable=rank != 0):
+            labels = torch.full((cfg.per_class,), c, dtype=torch.long, device=device)
+            rows.append(images_for(labels))
+        out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png")
+        if rank == 0:
+            labelled_grid(rows, [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]).save(out)
+    else:  # num_samples images, classes uniformly at random (official), sharded over the processes
+        from PIL import Image
+        out = cfg.out or base + f"-samples-{cfg.num_samples}"
+        os.makedirs(out, exist_ok=True)
+        labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,), generator=torch.Generator().manual_seed(cfg.seed))
+        mine = list(range(rank, cfg.num_samples, world))
+        for s in tqdm(range(0, len(mine), cfg.batch_size), desc="sampling", disable=rank != 0):
+            idx = mine[s:s + cfg.batch_size]
+            for i, img in zip(idx, images_for(labels_all[idx].to(device))):
+                Image.fromarray(img).save(os.path.join(out, f"{i:06d}.png"))
+        barrier()
+        if rank == 0:  # the .npz that FID tools read: arr_0 = (n, H, W, 3) uint8, plus the labels
+            arr = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png"))) for i in range(cfg.num_samples)])
+            np.savez(out + ".npz", arr_0=arr, labels=labels_all.numpy())
+            out = f"{out}/ and {out}.npz"
+    if rank == 0:
+        mode = "KV cache" if cfg.kv_cache else "no cache"
+        print(f"wrote {out}; {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} codes/s per process ({mode}, "
+              f"guidance {cfg.cfg_scale} {cfg.cfg_schedule})")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(parse_config(SampleConfig()))
