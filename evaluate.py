@@ -447,9 +447,10 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
         dist.all_reduce(sums)
         dist.all_reduce(used, op=dist.ReduceOp.MAX)
         sums, used = sums.cpu(), used.bool().cpu()
-    out = dict(images=n, psnr=float(sums[0]) / n, ssim=float(sums[1]) / n,
-               lpips=float(sums[2]) / n if lpips is not None else None,
-               codebook_usage=float(used.float().mean()), codes_used=int(used.sum()))
+    out = dict(images=n, psnr=float(sums[0]) / n, ssim=float(sums[1]) / n)
+    if lpips is not None:
+        out["lpips"] = float(sums[2]) / n
+    out.update(codebook_usage=float(used.float().mean()), codes_used=int(used.sum()))
     if inception is not None:
         orig, recon = (gather_rows(np.concatenate(feats[k]), world) for k in ("orig", "recon"))
         out["rfid"] = frechet_distance(*feature_stats(orig), *feature_stats(recon))
