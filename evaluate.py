@@ -392,13 +392,12 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
     from the TensorFlow graph); pool features (for precision/recall) come from the images. Computed ones are
     cached in `cache` (.npz with mu, sigma, pool), which can be passed as the reference next time."""
     stored = {}
+    assert os.path.exists(ref), f"no reference at {ref}"
     if not os.path.isdir(ref):
         with np.load(ref) as z:
             stored = {k: z[k] for k in ("mu", "sigma", "pool") if k in z.files}
     images = ImageSet(ref)
     if "pool" not in stored and images.has_images:
-        if net is None:
-            return stored
         pool, _ = image_set_features(net, images, batch, device, rank, world, f"reference {os.path.basename(ref)}")
         stored["pool"] = pool
         if "mu" not in stored:
