@@ -253,6 +253,8 @@ def main(cfg: ARConfig):
     ckpt_path, step = os.path.join(out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["config"]["tokenizer_fingerprint"] != fingerprint:
+            raise SystemExit(f"{ckpt_path} was trained on the codes of another tokenizer: pass a new --out_dir")
         gpt.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -278,7 +280,8 @@ def main(cfg: ARConfig):
     def save():
         if master:
             save_checkpoint(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                 config=dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes)), ckpt_path)
+                                 config=dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes,
+                                             tokenizer_fingerprint=fingerprint)), ckpt_path)
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
     log = Logger(out_dir, master)
