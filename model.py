@@ -717,8 +717,9 @@ def _read_checkpoint(path_or_state):
     """A checkpoint path, or an already loaded dict -> dict of CPU tensors (memory-mapped when possible)."""
     if isinstance(path_or_state, dict):
         return path_or_state
-    import argparse  # the official training scripts pickle their argparse.Namespace under "args"
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    import argparse, contextlib  # the official training scripts pickle their argparse.Namespace under "args"
+    allow = getattr(torch.serialization, "safe_globals", None)   # torch >= 2.5; older ones refuse such files
+    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
         try:
             return torch.load(path_or_state, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:  # files in torch's legacy (non-zip) format cannot be memory-mapped
