@@ -333,8 +333,9 @@ def test_load_tokenizer_reads_our_checkpoint_and_its_config():
     torch.manual_seed(0)
     cfg = toy_cfg(entropy_weight=0.02, rotation_trick=False)         # training fields the shapes cannot tell
     tok = Tokenizer(cfg).eval()
-    loaded = model.load_tokenizer({"config": dataclasses.asdict(cfg), "model": tok.state_dict()})
-    assert loaded.cfg == cfg
+    for config in [dataclasses.asdict(cfg), {"tokenizer": dataclasses.asdict(cfg), "train": {"lr": 1e-4}}]:
+        loaded = model.load_tokenizer({"config": config, "model": tok.state_dict()})
+        assert loaded.cfg == cfg
     _assert_same_tokenizer(tok, loaded, 64)
 
 
