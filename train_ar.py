@@ -17,7 +17,6 @@ images); training draws one of the ten views per access. Codes are cached under 
 reused by later runs (and by other AR models on the same tokenizer).
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,8 +31,8 @@ from tqdm import tqdm
 
 import model
 from model import GPT, GPT_PRESETS
-from train_tokenizer import (Logger, all_reduce, barrier, cleanup_distributed, eval_dataset, parse_config,
-                             save_checkpoint, setup_distributed)
+from train_tokenizer import (Logger, _epoch_order, all_reduce, barrier, cleanup_distributed, load_checkpoint,
+                             make_dataset, parse_config, save_checkpoint, setup_distributed)
 
 
 @dataclass
@@ -42,7 +41,10 @@ class ARConfig:
     data: str = "synthetic"     # "synthetic" (the embedded toy set) or an ImageFolder root with train/ and val/
     gpt: str = "toy"            # AR model size, a key of model.GPT_PRESETS
     out_dir: str = ""           # "" = out/ar-<gpt>
-    code_dir: str = ""          # code cache; "" = <tokenizer folder>/codes-<data name>
+    code_dir: str = ""          # code cache; "" = <tokenizer folder>/codes-<data name>[-<subset>]
+    num_classes: int = 0        # use the first num_classes classes only (0 = all)
+    per_class: int = 100        # training images per class (0 = all: the paper). The toy encodes 100 x 10 classes
+                                # (10 views each) to keep the encoding under two minutes on a CPU
     batch_size: int = 64        # per process and micro-step; global batch = batch_size * grad_accum * processes
     grad_accum: int = 1         # micro-steps per optimizer step
     max_steps: int = 1200       # optimizer steps (paper: 1.5M at global batch 256 = 300 epochs)
@@ -80,9 +82,10 @@ def ten_crops(x, size):
 class CodeImages:
     """What gets encoded: the ten crops of the 1.1x center crop (training, views=10) or the center crop (views=1)."""
 
-    def __init__(self, data, split, size, views):
+    def __init__(self, cfg, split, size, views):
         self.size, self.views = size, views
-        self.images = eval_dataset(data, split, int(size * 1.1) if views == 10 else size)  # center crops in [-1, 1]
+        self.images = make_dataset(cfg.data, split, int(size * 1.1) if views == 10 else size,  # center crops
+                                   num_classes=cfg.num_classes, per_class=cfg.per_class if split == "train" else 0)
         self.classes = self.images.classes
 
     def __len__(self):
@@ -133,9 +136,30 @@ def tokenizer_fingerprint(tok):
     return h.hexdigest()[:16]
 
 
-def load_codes(folder):
+def code_cache(tok, cfg, split, views, rank, world, device):
+    """-> (codes (n, views, N) memory-mapped, labels (n,), class names) of one split, encoded now or reused. The
+    cache is keyed by its folder and checked against what made it: the tokenizer's weights and the image subset."""
+    data_name = "synthetic" if cfg.data == "synthetic" else os.path.basename(os.path.normpath(cfg.data))
+    subset = (f"-{cfg.num_classes}classes" if cfg.num_classes else "") + (f"-{cfg.per_class}per-class" if cfg.per_class else "")
+    folder = os.path.join(cfg.code_dir or os.path.join(os.path.dirname(cfg.tokenizer), f"codes-{data_name}{subset}"), split)
+    made_by = dict(fingerprint=tokenizer_fingerprint(tok), data=cfg.data, num_classes=cfg.num_classes,
+                   per_class=cfg.per_class if split == "train" else 0, views=views)
+    meta_path = os.path.join(folder, "meta.json")
+    meta = read_json(meta_path) if os.path.exists(meta_path) else None
+    if meta is not None and all(meta.get(k) == v for k, v in made_by.items()):
+        if rank == 0:
+            print(f"reusing the code cache {folder}")
+    else:
+        if meta is not None and rank == 0:
+            print(f"the code cache {folder} was made by another tokenizer or image subset: encoding again")
+        images = CodeImages(cfg, split, tok.cfg.image_size, views)
+        build_code_cache(tok, images, folder, views, cfg.encode_batch, rank, world, device)
+        if rank == 0:  # written last: marks the cache complete
+            write_json(meta_path, dict(made_by, tokenizer=os.path.abspath(cfg.tokenizer), classes=images.classes))
+        barrier()
+        meta = read_json(meta_path)
     codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
-    return codes, np.load(os.path.join(folder, "labels.npy"))
+    return codes, np.load(os.path.join(folder, "labels.npy")), meta["classes"]
 
 
 def unigram_entropy(codes, vocab_size):
@@ -170,18 +194,14 @@ def make_optimizer(gpt, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n, epoch, seed):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
 def batch_of(step, micro, rank, world, cfg, codes, labels):
     """The micro-batch of one process, a pure function of (step, micro, rank): the images walk through
-    per-epoch permutations, and each access draws one of the views. Resumed runs see the same batches."""
+    per-epoch permutations (the stream of train_tokenizer.TrainBatches), and each access draws one of the
+    views. Resumed runs see the same batches."""
     n, views = codes.shape[:2]
     start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
     pos = torch.arange(start, start + cfg.batch_size)
-    idx = torch.stack([_epoch_order(n, int(e), cfg.seed)[int(i)] for e, i in zip(pos // n, pos % n)]).numpy()
+    idx = np.array([_epoch_order(n, int(p) // n, cfg.seed)[int(p) % n] for p in pos])
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
     view = torch.randint(views, (cfg.batch_size,), generator=g).numpy()
     order = np.argsort(idx)                      # memory-mapped reads in increasing order
@@ -220,28 +240,10 @@ def main(cfg: ARConfig):
     tok = model.load_tokenizer(cfg.tokenizer, device=device)  # eval mode, frozen; encodes in fp32 as official
     tcfg = tok.cfg
 
-    # 1. the code cache (training: ten crops of the 1.1x center crop; validation: the center crop)
-    data_name = "synthetic" if cfg.data == "synthetic" else os.path.basename(os.path.normpath(cfg.data))
-    code_dir = cfg.code_dir or os.path.join(os.path.dirname(cfg.tokenizer), f"codes-{data_name}")
-    splits, fingerprint = {}, tokenizer_fingerprint(tok)
-    for split, views in (("train", 10), ("val", 1)):
-        folder, meta = os.path.join(code_dir, split), None
-        if os.path.exists(os.path.join(folder, "meta.json")):
-            meta = read_json(os.path.join(folder, "meta.json"))
-            if meta["fingerprint"] != fingerprint and master:
-                print(f"the code cache {folder} was made by another tokenizer: encoding again")
-        if meta is None or meta["fingerprint"] != fingerprint:
-            images = CodeImages(cfg.data, split, tcfg.image_size, views)
-            build_code_cache(tok, images, folder, views, cfg.encode_batch, rank, world, device)
-            if master:
-                write_json(os.path.join(folder, "meta.json"), dict(tokenizer=os.path.abspath(cfg.tokenizer),
-                           fingerprint=fingerprint, data=cfg.data, views=views, classes=images.classes))
-            barrier()
-        elif master:
-            print(f"reusing the code cache {folder}")
-        splits[split] = load_codes(folder)
-    classes = read_json(os.path.join(code_dir, "train", "meta.json"))["classes"]
-    (codes, labels), (val_codes, val_labels) = splits["train"], splits["val"]
+    # 1. the codes (training: ten crops of the 1.1x center crop; validation: the center crop), cached
+    (codes, labels, classes), (val_codes, val_labels, _) = (
+        code_cache(tok, cfg, split, views, rank, world, device) for split, views in (("train", 10), ("val", 1)))
+    fingerprint = tokenizer_fingerprint(tok)
     del tok
 
     # 2. the model, its optimizer, and the checkpoint to resume from
@@ -252,7 +254,7 @@ def main(cfg: ARConfig):
     optimizer = make_optimizer(gpt, cfg, device)
     ckpt_path, step = os.path.join(out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = load_checkpoint(ckpt_path, device)
         if ckpt["config"]["tokenizer_fingerprint"] != fingerprint:
             raise SystemExit(f"{ckpt_path} was trained on the codes of another tokenizer: pass a new --out_dir")
         gpt.load_state_dict(ckpt["model"])
