@@ -1,15 +1,14 @@
 """
 Train the class-conditional AR model (model.GPT) on the codes of a frozen tokenizer (spec 5.2).
 
-    python train_ar.py                                     # toy AR on out/tokenizer-toy/ckpt.pt (run train_tokenizer.py first)
-    torchrun --nproc_per_node=8 train_ar.py --tokenizer=out/tokenizer-b-l/ckpt.pt --data=/data/imagenet \
-        --gpt=gpt-b --batch_size=32 --lr=1e-4 --max_steps=1500000 --warmup=5000   # the paper's GPT-B, 300 epochs
+    python train_ar.py                    # the toy AR on out/tokenizer-toy/ckpt.pt (run train_tokenizer.py first)
+    torchrun --nproc_per_node=8 train_ar.py --tokenizer out/tokenizer-xl-xxl/ckpt.pt --data /data/imagenet --gpt gpt-b
+    torchrun --nproc_per_node=8 train_ar.py --tokenizer out/tokenizer-xl-xxl/ckpt.pt --data /data/imagenet --probe
 
-AR probing (the paper's proxy for a tokenizer's generation quality, spec 5.4) is the same command with the
-probe protocol: GPT-B, global batch 256, lr 1e-4 held constant (WSD laid out for 1.5M steps, stopped at 250k),
-then the validation cross-entropy is the number to compare:
-    torchrun --nproc_per_node=8 train_ar.py --tokenizer=... --data=/data/imagenet --gpt=gpt-b --batch_size=32 \
-        --lr=1e-4 --max_steps=250000 --schedule_steps=1500000 --out_dir=out/probe-b-l
+The second line is the paper's GPT-B run (global batch 256, lr 1e-4, 1.5M steps, WSD); --probe is AR probing,
+the paper's cheap proxy for a tokenizer's generation quality (spec 5.4): GPT-B with lr 1e-4 held for 250k steps
+(the WSD schedule laid out for 1.5M, stopped in its hold phase), judged by the validation cross-entropy printed
+at the end. Re-running a command continues from <out-dir>/ckpt.pt (pass --fresh to start over).
 
 The dataset is encoded once, before training, as the official extract_codes_c2i.py does: each training image is
 center-cropped to 1.1x the tokenizer's size and cut into ten crops (four corners, center, and their mirror
@@ -38,32 +37,61 @@ from train_tokenizer import (Logger, _epoch_order, all_reduce, barrier, cleanup_
 @dataclass
 class ARConfig:
     tokenizer: str = "out/tokenizer-toy/ckpt.pt"  # frozen tokenizer checkpoint (ours or an official GigaTok one)
-    data: str = "synthetic"     # "synthetic" (the embedded toy set) or an ImageFolder root with train/ and val/
-    gpt: str = "toy"            # AR model size, a key of model.GPT_PRESETS
-    out_dir: str = ""           # "" = out/ar-<gpt>
-    code_dir: str = ""          # code cache; "" = <tokenizer folder>/codes-<data name>[-<subset>]
-    num_classes: int = 0        # use the first num_classes classes only (0 = all)
-    per_class: int = 100        # training images per class (0 = all: the paper). The toy encodes 100 x 10 classes
-                                # (10 views each) to keep the encoding under two minutes on a CPU
-    batch_size: int = 64        # per process and micro-step; global batch = batch_size * grad_accum * processes
-    grad_accum: int = 1         # micro-steps per optimizer step
-    max_steps: int = 1200       # optimizer steps (paper: 1.5M at global batch 256 = 300 epochs)
-    schedule_steps: int = 0     # steps the lr schedule is laid out for; 0 = max_steps (AR probing: 1.5M, stopped at 250k)
-    lr: float = 1e-3            # peak lr. Paper: 1e-4 at global batch 256; the toy uses 1e-3 to learn in minutes
-    schedule: str = "wsd"       # "wsd" (official: warmup, hold, sqrt decay over the last decay_frac) or "cosine"
-    warmup: int = 50            # linear warmup steps from lr/100 (paper: 5000 for GPT-B, 0 for probing)
-    decay_frac: float = 0.2     # WSD: fraction of schedule_steps spent decaying to 0
-    weight_decay: float = 0.05  # on matrices and embeddings (dim >= 2) only
+    data: str = "synthetic"      # "synthetic" (embedded, no download) or an ImageFolder root (see train_tokenizer.py)
+    gpt: str = ""                # AR model size (model.GPT_PRESETS); "" = toy, or gpt-b with --probe
+    probe: bool = False          # AR probing (spec 5.4): GPT-B, lr 1e-4 held for 250k steps of a 1.5M-step WSD
+    num_classes: int = 0         # use only the first N classes of the data (0 = all)
+    per_class: int = -1          # training images per class (0 = all); -1 = the preset's (toy: 100, paper: all)
+    out_dir: str = ""            # "" = out/ar-<gpt> (out/probe-<tokenizer folder> with --probe); holds ckpt.pt, log.jsonl
+    code_dir: str = ""           # code cache; "" = <tokenizer folder>/codes-<data>[-<subset>]
+    fresh: bool = False          # start over even if out_dir holds a checkpoint (default: continue from it)
+    max_steps: int = -1          # optimizer steps; -1 = the preset's (paper: 300 epochs = 1.5M at batch 256)
+    schedule_steps: int = -1     # steps the lr schedule is laid out for; -1 = max_steps (probing: 1.5M, stopped early)
+    batch_size: int = -1         # global batch (all processes and accumulation steps); -1 = the preset's (paper 256)
+    grad_accum: int = 1          # micro-steps per optimizer step (per-process micro-batch = batch / world / accum)
+    lr: float = -1.0             # peak learning rate; -1 = the preset's (paper 1e-4; toy 1e-3, to learn in minutes)
+    schedule: str = "wsd"        # "wsd" (official: warmup, hold, sqrt decay over the last decay_frac) or "cosine"
+    warmup: int = -1             # linear warmup steps from lr/100; -1 = the preset's (5000; XXL 200; probing 0)
+    decay_frac: float = 0.2      # WSD: fraction of schedule_steps spent decaying to 0
+    weight_decay: float = 0.05   # AdamW, on matrices and embeddings (dim >= 2) only
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    bf16: bool = True           # bf16 autocast on CUDA (fp32 on CPU)
-    compile: bool = False       # torch.compile the AR model
-    encode_batch: int = 64      # images per tokenizer call while building the code cache
-    eval_interval: int = 200    # steps between validation cross-entropy measurements (and at the end)
-    log_interval: int = 20
-    ckpt_interval: int = 400    # steps between checkpoints (and at the end); training resumes from out_dir/ckpt.pt
+    precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
+    compile: bool = False        # torch.compile the AR model
+    device: str = ""             # "" = cuda, else mps, else cpu
+    threads: int = 0             # torch CPU threads (0 = torch's default)
+    encode_batch: int = 64       # images per tokenizer call while building the code cache
     seed: int = 0
+    log_interval: int = -1       # steps between log lines; -1 = the preset's
+    eval_interval: int = -1      # steps between validation cross-entropies (and at the end); -1 = the preset's
+    ckpt_interval: int = -1      # steps between checkpoints (and at the end); -1 = the preset's
+
+
+# Training defaults per AR size (spec 5.2; Detailed_instructions.md): global batch, warmup, steps = 300 epochs of
+# the official 5000 * 256 images. The official scripts give warmup 5000 for GPT-B and 200 for XXL; L and XL take B's.
+# The toy's numbers are ours: a high lr and as many steps as ~6 CPU minutes allow.
+AR_TRAIN_PRESETS = {
+    "toy":     dict(batch_size=32, warmup=50, max_steps=700, lr=1e-3, per_class=100, log_interval=50,
+                    eval_interval=350, ckpt_interval=350),
+    "gpt-b":   dict(batch_size=256, warmup=5000, max_steps=1_500_000),
+    "gpt-l":   dict(batch_size=256, warmup=5000, max_steps=1_500_000),
+    "gpt-xl":  dict(batch_size=256, warmup=5000, max_steps=1_500_000),
+    "gpt-xxl": dict(batch_size=512, warmup=200, max_steps=750_000),
+}
+PAPER_DEFAULTS = dict(lr=1e-4, per_class=0, log_interval=100, eval_interval=10_000, ckpt_interval=5000)
+PROBE = dict(max_steps=250_000, schedule_steps=1_500_000, warmup=0)  # early-stopped in the hold phase (spec 5.4)
+
+
+def resolve(cfg):
+    """cfg with every -1 / "" default filled from the size's training defaults (and the probing protocol)."""
+    gpt = cfg.gpt or ("gpt-b" if cfg.probe else "toy")
+    assert gpt in AR_TRAIN_PRESETS, f"unknown --gpt {gpt!r}; known: {', '.join(AR_TRAIN_PRESETS)}"
+    p = {**PAPER_DEFAULTS, **AR_TRAIN_PRESETS[gpt], **(PROBE if cfg.probe else {})}
+    fill = {k: v for k, v in p.items() if getattr(cfg, k) == -1}
+    probe_dir = f"out/probe-{os.path.basename(os.path.dirname(os.path.abspath(cfg.tokenizer)))}"
+    fill["out_dir"] = cfg.out_dir or (probe_dir if cfg.probe else f"out/ar-{gpt}")
+    return dataclasses.replace(cfg, gpt=gpt, **fill)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -175,7 +203,7 @@ def unigram_entropy(codes, vocab_size):
 def get_lr(step, cfg):
     """Official WSD: linear warmup from lr/100, hold, then lr * (1 - sqrt(progress)) over the last decay_frac.
     Cosine: the same warmup, then half a cosine to 0."""
-    total = cfg.schedule_steps or cfg.max_steps
+    total = cfg.schedule_steps if cfg.schedule_steps > 0 else cfg.max_steps
     if step < cfg.warmup:
         return cfg.lr / 100 + (cfg.lr - cfg.lr / 100) * step / cfg.warmup
     if cfg.schedule == "cosine":
@@ -194,18 +222,18 @@ def make_optimizer(gpt, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def batch_of(step, micro, rank, world, cfg, codes, labels):
-    """The micro-batch of one process, a pure function of (step, micro, rank): the images walk through
+def batch_of(step, k, b, rank, world, cfg, codes, labels):
+    """Micro-batch k (of b codes) of one process, a pure function of (step, k, rank): the images walk through
     per-epoch permutations (the stream of train_tokenizer.TrainBatches), and each access draws one of the
     views. Resumed runs see the same batches."""
     n, views = codes.shape[:2]
-    start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
-    pos = torch.arange(start, start + cfg.batch_size)
-    idx = np.array([_epoch_order(n, int(p) // n, cfg.seed)[int(p) % n] for p in pos])
+    start = ((step * cfg.grad_accum + k) * world + rank) * b
+    pos = range(start, start + b)
+    idx = np.array([_epoch_order(n, p // n, cfg.seed)[p % n] for p in pos])
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
-    view = torch.randint(views, (cfg.batch_size,), generator=g).numpy()
+    view = torch.randint(views, (b,), generator=g).numpy()
     order = np.argsort(idx)                      # memory-mapped reads in increasing order
-    x = np.empty((cfg.batch_size, codes.shape[2]), np.int64)
+    x = np.empty((b, codes.shape[2]), np.int64)
     x[order] = codes[idx[order], view[order]]
     return torch.from_numpy(x), torch.from_numpy(labels[idx])
 
@@ -231,19 +259,27 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
 # Training
 
 def main(cfg: ARConfig):
-    rank, world, device = setup_distributed()
+    cfg = resolve(cfg)
+    rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
-    out_dir = cfg.out_dir or f"out/ar-{cfg.gpt}"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    assert micro * world * cfg.grad_accum == cfg.batch_size, \
+        f"batch {cfg.batch_size} does not split into {world} processes x {cfg.grad_accum} accumulation steps"
+    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+    assert precision in ("bf16", "fp16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16, fp16 or fp32"
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
+    autocast = torch.autocast(device.type, dtype) if precision != "fp32" else nullcontext()
     if not os.path.exists(cfg.tokenizer):
         raise SystemExit(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
-                         f"for the toy), or pass --tokenizer=<path to ours or an official GigaTok checkpoint>")
+                         f"for the toy), or pass --tokenizer <ours or an official GigaTok checkpoint>")
     tok = model.load_tokenizer(cfg.tokenizer, device=device)  # eval mode, frozen; encodes in fp32 as official
-    tcfg = tok.cfg
 
     # 1. the codes (training: ten crops of the 1.1x center crop; validation: the center crop), cached
     (codes, labels, classes), (val_codes, val_labels, _) = (
         code_cache(tok, cfg, split, views, rank, world, device) for split, views in (("train", 10), ("val", 1)))
-    fingerprint = tokenizer_fingerprint(tok)
+    fingerprint, tcfg = tokenizer_fingerprint(tok), tok.cfg
     del tok
 
     # 2. the model, its optimizer, and the checkpoint to resume from
@@ -252,66 +288,66 @@ def main(cfg: ARConfig):
     torch.manual_seed(cfg.seed)
     gpt = GPT(gcfg).to(device)
     optimizer = make_optimizer(gpt, cfg, device)
-    ckpt_path, step = os.path.join(out_dir, "ckpt.pt"), 0
-    if os.path.exists(ckpt_path):
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
+    if os.path.exists(ckpt_path) and not cfg.fresh:
         ckpt = load_checkpoint(ckpt_path, device)
         if ckpt["config"]["tokenizer_fingerprint"] != fingerprint:
-            raise SystemExit(f"{ckpt_path} was trained on the codes of another tokenizer: pass a new --out_dir")
+            raise SystemExit(f"{ckpt_path} was trained on the codes of another tokenizer: pass --fresh or another --out-dir")
         gpt.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        if master:
-            print(f"resuming from {ckpt_path} at step {step}")
     raw = gpt
     if cfg.compile:
         gpt = torch.compile(gpt)
     if world > 1:
         gpt = torch.nn.parallel.DistributedDataParallel(gpt, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else nullcontext()
+
+    def save():
+        save_checkpoint(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                             config=dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes,
+                                         tokenizer_fingerprint=fingerprint)), ckpt_path)
 
     entropy = unigram_entropy(codes, gcfg.vocab_size)
     if master:
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"AR {cfg.gpt}: {n_params / 1e6:.2f}M params, {len(codes)} training images x {codes.shape[1]} views, "
-              f"{len(val_codes)} held out, {gcfg.block_size} tokens of {gcfg.vocab_size} codes, {len(classes)} classes; "
-              f"global batch {cfg.batch_size * cfg.grad_accum * world}")
-        print(f"reference cross-entropies: uniform log(vocab) = {math.log(gcfg.vocab_size):.3f}, "
-              f"unigram entropy of the training codes = {entropy:.3f} nats")
-
-    def save():
-        if master:
-            save_checkpoint(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                 config=dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes,
-                                             tokenizer_fingerprint=fingerprint)), ckpt_path)
+        print(f"AR {cfg.gpt}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params; {gcfg.block_size} tokens "
+              f"of {gcfg.vocab_size} codes, {len(classes)} classes")
+        print(f"data {cfg.data}: {len(codes)} training images x {codes.shape[1]} views, {len(val_codes)} held out; "
+              f"{cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
+              f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
+              f"{cfg.warmup})" + (f"; resuming from {ckpt_path}" if step else ""))
+        print(f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
+              f"of the training codes {entropy:.3f}")
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
-    log = Logger(out_dir, master)
-    evaluate = lambda: validation_loss(raw, val_codes, val_labels, cfg.batch_size, rank, world, device, autocast)
+    log = Logger(cfg.out_dir, master)
+    evaluate = lambda: validation_loss(raw, val_codes, val_labels, micro, rank, world, device, autocast)
     val = None
     gpt.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train_ar", disable=not master)
-    t0 = time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
+    t0, start = time.time(), step
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout masks: a function of the step
-        for micro in range(cfg.grad_accum):
-            x, y = (t.to(device) for t in batch_of(step, micro, rank, world, cfg, codes, labels))
-            sync = micro == cfg.grad_accum - 1 or world == 1
+        for k in range(cfg.grad_accum):
+            x, y = (t.to(device) for t in batch_of(step, k, micro, rank, world, cfg, codes, labels))
+            sync = k == cfg.grad_accum - 1 or world == 1
             with (nullcontext() if sync else gpt.no_sync()), autocast:
                 logits = gpt(x, y)                                              # (B, N, vocab), fp32
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())      # logits[:, i] predicts x[:, i]
-            (loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            dt, t0 = time.time() - t0, time.time()
-            log(step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, step_time=dt / cfg.log_interval)
+            step_time, t0, start = (time.time() - t0) / (step - start), time.time(), step
+            log(step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, step_time=step_time)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = evaluate()
             log(step, val_loss=val, code_entropy=entropy)
@@ -320,8 +356,8 @@ def main(cfg: ARConfig):
     bar.close()
     val = evaluate() if val is None else val
     if master:
-        print(f"validation cross-entropy {val:.4f} nats at step {step} (unigram entropy of the training codes "
-              f"{entropy:.4f}, log(vocab) {math.log(gcfg.vocab_size):.4f}); checkpoint {ckpt_path}")
+        print(f"validation cross-entropy {val:.4f} nats per code at step {step} (unigram entropy of the training "
+              f"codes {entropy:.4f}, log(vocab) {math.log(gcfg.vocab_size):.4f}); checkpoint {ckpt_path}")
     cleanup_distributed()
     return dict(val_loss=val, code_entropy=entropy, step=step)
 
