@@ -653,6 +653,195 @@ def test_inception_weights_absent_message():
         raise AssertionError("no error for a missing weights file")
 
 
+# ---- train_ar.py / sample.py ----
+
+import train_ar
+import sample
+
+
+def _tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=32, vocab_size=40, block_size=12,
+                              num_classes=5, **kw)
+    gpt = GPT(cfg)
+    torch.nn.init.normal_(gpt.output.weight, std=0.3)  # the zero-initialized head would make every logit equal
+    torch.nn.init.normal_(gpt.cls_embedding.weight, std=0.5)  # and make the class matter
+    return gpt.eval()
+
+
+def test_sample_kv_cache_generation_equals_uncached():
+    gpt, labels = _tiny_gpt(), torch.tensor([0, 1, 2, 4])
+    settings = [dict(temperature=0), dict(temperature=0, cfg_scale=3.0),                       # greedy
+                dict(), dict(cfg_scale=2.0, top_k=8, top_p=0.9, temperature=1.3),              # sampling, seeded
+                dict(cfg_scale=2.0, cfg_schedule="step", step_start=0.5)]
+    for kw in settings:
+        a = sample.generate(gpt, labels, generator=torch.Generator().manual_seed(7), kv_cache=True, **kw)
+        b = sample.generate(gpt, labels, generator=torch.Generator().manual_seed(7), kv_cache=False, **kw)
+        assert a.shape == (4, 12) and torch.equal(a, b), kw
+    assert all(layer.attention.cache is None for layer in gpt.layers)  # the cache is released
+
+
+def test_sample_guidance_scale_one_gives_conditional_logits():
+    gpt = _tiny_gpt()
+    codes, labels = torch.randint(0, 40, (3, 12)), torch.tensor([0, 3, 4])
+    null = torch.full_like(labels, gpt.cfg.num_classes)
+    with torch.no_grad():
+        doubled = gpt(torch.cat([codes, codes]), torch.cat([labels, null]))   # [conditional; null class]
+        cond, uncond = gpt(codes, labels), gpt(codes, null)
+    for i in range(12):
+        assert torch.allclose(sample.guide(doubled[:, i], 1.0), cond[:, i], atol=1e-5)
+        assert torch.allclose(sample.guide(doubled[:, i], 0.0), uncond[:, i], atol=1e-5)
+        s = 2.5  # and in between / beyond: the straight line through them
+        assert torch.allclose(sample.guide(doubled[:, i], s), uncond[:, i] + s * (cond[:, i] - uncond[:, i]), atol=1e-4)
+    # the step schedule: the first code at full scale (official prefill), then 1 until step_start, then s
+    scales = [sample.guidance_scale(i, 11, 4.0, "step", 0.5) for i in range(11)]
+    assert scales == [4.0] + [1.0] * 4 + [4.0] * 6
+    # guidance 1 samples from the conditional model: the same codes as drawing from the conditional logits
+    a = sample.generate(gpt, labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    x = torch.zeros_like(a)
+    g = torch.Generator().manual_seed(3)
+    for i in range(12):
+        with torch.no_grad():
+            x[:, i] = torch.multinomial(gpt(x[:, :i + 1], labels)[:, i].softmax(-1), 1, generator=g)[:, 0]
+    assert torch.equal(a, x)
+
+
+def test_sample_top_k_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = lambda **kw: {sample.sample_logits(logits, generator=torch.Generator().manual_seed(s), **kw).item()
+                          for s in range(200)}
+    assert draws(top_k=1) == {0} and draws(temperature=0) == {0}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}          # 0.5 < 0.7: the second code is needed to reach top_p
+    assert draws(top_p=0.45) == {0}
+    assert draws(top_p=0.85) == {0, 1, 2}
+    assert draws() == {0, 1, 2, 3}
+
+
+def test_train_ar_ten_crops_and_wsd_schedule():
+    x = torch.arange(2 * 3 * 7 * 7, dtype=torch.float).view(2, 3, 7, 7)
+    crops = train_ar.ten_crops(x, 5)
+    assert crops.shape == (2, 10, 3, 5, 5)
+    assert torch.equal(crops[:, 0], x[..., :5, :5]) and torch.equal(crops[:, 3], x[..., 2:, 2:])
+    assert torch.equal(crops[:, 4], x[..., 1:6, 1:6]) and torch.equal(crops[:, 5], x[..., :5, :5].flip(-1))
+    cfg = train_ar.ARConfig(lr=1.0, warmup=10, max_steps=100, decay_frac=0.2)  # schedule_steps -1: = max_steps
+    lr = [train_ar.get_lr(s, cfg) for s in range(101)]
+    assert lr[0] == 0.01 and abs(lr[5] - 0.505) < 1e-9 and lr[10] == lr[79] == 1.0
+    assert abs(lr[90] - (1 - math.sqrt(0.5))) < 1e-9 and lr[100] == 0.0
+    cfg = dataclasses.replace(cfg, schedule_steps=1000)            # AR probing: stopped inside the hold phase
+    assert all(train_ar.get_lr(s, cfg) == 1.0 for s in range(10, 101))
+    cfg = dataclasses.replace(cfg, schedule="cosine", schedule_steps=-1)
+    assert lr[0] == train_ar.get_lr(0, cfg) and abs(train_ar.get_lr(55, cfg) - 0.5) < 1e-9
+    # the one-flag AR probe: GPT-B at the paper's batch and lr, 250k steps inside a 1.5M-step schedule, no warmup
+    probe = train_ar.resolve(train_ar.ARConfig(tokenizer="out/tokenizer-s-s/ckpt.pt", data="/data/imagenet", probe=True))
+    assert (probe.gpt, probe.batch_size, probe.lr, probe.warmup, probe.max_steps, probe.schedule_steps, probe.per_class,
+            probe.out_dir) == ("gpt-b", 256, 1e-4, 0, 250_000, 1_500_000, 0, "out/probe-tokenizer-s-s")
+    assert train_ar.resolve(train_ar.ARConfig()).gpt == "toy"
+
+
+def _register_tiny_ar():  # a 0.14M-parameter AR size for the end-to-end tests, trained like the toy
+    GPT_PRESETS.setdefault("test-tiny", dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=64))
+    train_ar.AR_TRAIN_PRESETS.setdefault("test-tiny", train_ar.AR_TRAIN_PRESETS["toy"])
+
+
+def _tiny_tokenizer_checkpoint(folder):
+    torch.manual_seed(0)
+    cfg = toy_cfg(image_size=32, num_latent_tokens=16, codebook_size=64, teacher_dim=0)
+    path = os.path.join(folder, "tokenizer", "ckpt.pt")
+    os.makedirs(os.path.dirname(path))
+    torch.save({"config": {"tokenizer": dataclasses.asdict(cfg)}, "model": Tokenizer(cfg).state_dict()}, path)
+    return path
+
+
+def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
+    _register_tiny_ar()
+    with tempfile.TemporaryDirectory() as d:
+        tok_path = _tiny_tokenizer_checkpoint(d)
+        # a small code set written straight into the cache: 8 classes, one fixed random sequence each
+        rng = np.random.default_rng(0)
+        seqs = rng.integers(0, 64, (8, 16))
+        for split, views in (("train", 10), ("val", 1)):
+            folder = os.path.join(d, "codes", split)
+            os.makedirs(folder)
+            np.save(os.path.join(folder, "codes.npy"), np.repeat(seqs[:, None], views, 1).astype(np.uint16))
+            np.save(os.path.join(folder, "labels.npy"), np.arange(8))
+            train_ar.write_json(os.path.join(folder, "meta.json"), dict(
+                fingerprint=train_ar.tokenizer_fingerprint(model.load_tokenizer(tok_path)), data="synthetic",
+                num_classes=0, per_class=0, views=views, classes=list("abcdefgh")))
+        cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=os.path.join(d, "codes"), gpt="test-tiny", per_class=0,
+                                out_dir=os.path.join(d, "ar"), batch_size=16, max_steps=250, warmup=10, lr=3e-3,
+                                eval_interval=1000, log_interval=1000, ckpt_interval=1000)
+        result = train_ar.main(cfg)
+        assert result["val_loss"] < 0.1 * math.log(64), result      # memorized: far below log(vocab) = 4.16
+        assert result["val_loss"] < 0.1 * result["code_entropy"], result
+        # save -> resume gives the same weights as one uninterrupted run
+        kw = dict(max_steps=30, schedule_steps=30, eval_interval=1000, ckpt_interval=1000)
+        train_ar.main(dataclasses.replace(cfg, out_dir=os.path.join(d, "straight"), **kw))
+        train_ar.main(dataclasses.replace(cfg, out_dir=os.path.join(d, "resumed"), **dict(kw, max_steps=12)))
+        train_ar.main(dataclasses.replace(cfg, out_dir=os.path.join(d, "resumed"), **kw))
+        a, b = (torch.load(os.path.join(d, run, "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
+        assert a["step"] == b["step"] == 30
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        # and sample.py draws a labelled grid from it
+        out = os.path.join(d, "grid.png")
+        sample.main(sample.SampleConfig(ckpt=os.path.join(d, "ar", "ckpt.pt"), per_class=2, out=out))
+        from PIL import Image
+        assert Image.open(out).size[1] == 8 * 32                                  # a row per class
+
+
+class _FewImages:  # a stand-in for make_dataset: n deterministic images at `size`, with labels i % 3
+    classes = ["red", "green", "blue"]
+
+    def __init__(self, data, split, size, n=6, num_classes=0, per_class=0):
+        self.size, self.n, self.offset = size, n, 100 if split == "val" else 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.offset + i)
+        return torch.rand(3, self.size, self.size, generator=g) * 2 - 1, i % 3
+
+
+def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
+    _register_tiny_ar()
+    real, train_ar.make_dataset = train_ar.make_dataset, _FewImages
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tok_path = _tiny_tokenizer_checkpoint(d)
+            cfg = train_ar.ARConfig(tokenizer=tok_path, gpt="test-tiny", out_dir=os.path.join(d, "ar"), max_steps=2,
+                                    batch_size=4, encode_batch=4, per_class=0)
+            train_ar.main(cfg)
+            folder = os.path.join(d, "tokenizer", "codes-synthetic")
+            codes = np.load(os.path.join(folder, "train", "codes.npy"))
+            assert codes.dtype == np.uint16 and codes.shape == (6, 10, 16)
+            assert np.load(os.path.join(folder, "val", "codes.npy")).shape == (6, 1, 16)
+            assert list(np.load(os.path.join(folder, "train", "labels.npy"))) == [0, 1, 2, 0, 1, 2]
+            tok = model.load_tokenizer(tok_path)
+            with torch.no_grad():  # image 4: ten crops of its 35x35 center crop (1.1 x 32), encoded one by one
+                views = train_ar.ten_crops(_FewImages(None, "train", 35)[4][0][None], 32)[0]
+                assert np.array_equal(codes[4], tok.encode(views).numpy())
+                assert np.array_equal(np.load(os.path.join(folder, "val", "codes.npy"))[2],
+                                      tok.encode(_FewImages(None, "val", 32)[2][0][None]).numpy())
+            stamp = os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns
+            train_ar.make_dataset = None  # a second run must not touch the images at all
+            train_ar.main(dataclasses.replace(cfg, max_steps=4))
+            assert os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns == stamp
+            # a retrained tokenizer is noticed: the cache is rebuilt
+            train_ar.make_dataset = _FewImages
+            ckpt = torch.load(tok_path, weights_only=True)
+            ckpt["model"]["quantizer.embedding.weight"] += 0.01
+            torch.save(ckpt, tok_path)
+            try:  # the AR checkpoint of the old codes is not resumed
+                train_ar.main(dataclasses.replace(cfg, max_steps=4))
+                assert False, "resumed an AR model trained on another tokenizer's codes"
+            except SystemExit as e:
+                assert "another tokenizer" in str(e)
+            assert os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns != stamp
+    finally:
+        train_ar.make_dataset = real
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
