@@ -41,6 +41,7 @@ class SampleConfig:
     batch_size: int = 32              # images generated at once (per process)
     out: str = ""                     # grid PNG path, or folder for num_samples; "" = beside the checkpoint
     bf16: bool = True                 # bf16 autocast for the AR model on CUDA (the tokenizer decodes in fp32)
+    device: str = ""                  # "" = cuda, else mps, else cpu
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -131,7 +132,10 @@ def labelled_grid(rows, names, label_width=110):
 
 
 def main(cfg: SampleConfig):
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.device)
+    if not os.path.exists(cfg.ckpt):
+        raise SystemExit(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
+                         f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
     ckpt = model._read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
     ours = ckpt.get("config") or {}
     gpt = model.load_gpt(ckpt, device=device)        # eval mode
