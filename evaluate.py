@@ -13,11 +13,12 @@ Protocol (spec section 6, and README "Evaluation"):
 - FID features come from the pytorch-fid port of the 2015 TensorFlow Inception graph (written here,
   loading pytorch-fid's weights file), not from the TensorFlow evaluator itself; values differ slightly.
 
-    python evaluate.py --tokenizer=out/tok/ckpt.pt                  # reconstruction report, synthetic set
+    python evaluate.py --tokenizer=out/tokenizer-toy/ckpt.pt        # reconstruction report, synthetic val set
     python evaluate.py --samples=out/samples.npz --ref=VIRTUAL_imagenet256_labeled.npz   # generation report
-    python evaluate.py --gpt=out/ar/ckpt.pt --tokenizer=out/tok/ckpt.pt --probe=True      # AR linear probe
-    torchrun --nproc_per_node=8 evaluate.py ...                     # sharded over ranks
+    python evaluate.py --gpt=out/ar-toy/ckpt.pt                     # AR linear probe (on the AR model's codes)
+    torchrun --nproc_per_node=8 evaluate.py --tokenizer=... --data=/data/imagenet/val   # sharded over processes
 """
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +27,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import model
+from train_ar import ARConfig, code_cache
+from train_tokenizer import all_reduce, cleanup_distributed, eval_dataset, parse_config, setup_distributed
 
 # -----------------------------------------------------------------------------------------------------------
 # Pixel metrics on saved (uint8) images
@@ -314,7 +318,6 @@ def gather_rows(x, world):
     """(n_rank, ...) numpy array on every rank -> all ranks' rows concatenated (rank-major order)."""
     if world == 1:
         return x
-    import torch.distributed as dist
     parts = [None] * world
     dist.all_gather_object(parts, x)
     return np.concatenate(parts)
@@ -440,12 +443,8 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
             feats["recon"].append(inception_features(inception, recon8, len(recon8), device)[0])
         if grid is None:
             grid = np.concatenate([np.concatenate(list(orig8[:8]), 1), np.concatenate(list(recon8[:8]), 1)], 0)
-    if world > 1:
-        import torch.distributed as dist
-        sums, used = sums.to(device), used.to(device=device, dtype=torch.uint8)  # NCCL reduces CUDA tensors only
-        dist.all_reduce(sums)
-        dist.all_reduce(used, op=dist.ReduceOp.MAX)
-        sums, used = sums.cpu(), used.bool().cpu()
+    sums = all_reduce(sums.to(device)).cpu()                                # NCCL reduces CUDA tensors only
+    used = all_reduce(used.to(device=device, dtype=torch.uint8), "max").bool().cpu()
     out = dict(images=n, psnr=float(sums[0]) / n, ssim=float(sums[1]) / n)
     if lpips is not None:
         out["lpips"] = float(sums[2]) / n
@@ -564,7 +563,8 @@ def pca_picture(tok, x, path):
 @dataclass
 class EvalConfig:
     tokenizer: str = ""         # tokenizer checkpoint (ours or official): reconstruction report + PCA picture
-    data: str = "synthetic"     # images to reconstruct / probe: "synthetic" (embedded set) or an ImageFolder root
+    data: str = "synthetic"     # images to reconstruct: "synthetic" (embedded set) or an ImageFolder root; probe:
+                                # the AR model's own data (official AR checkpoints: this)
     split: str = "val"          # split to reconstruct (the paper: ImageNet val, 50k, center crop)
     num_images: int = 0         # reconstruct only the first n images of the split; 0 = all
     samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation report
@@ -590,20 +590,19 @@ def print_table(results):
             print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
 
 
-@torch.no_grad()
-def encode_all(tok, dataset, batch, device, rank, world, desc):
-    """Codes (n, N) and labels (n,) of every image of `dataset`, computed in shards, gathered on every rank."""
-    lo, hi = shard(len(dataset), rank, world)
-    codes, labels = [np.zeros((0, tok.cfg.num_tokens), np.int64)], []
-    for i in tqdm(range(lo, hi, batch), desc=desc, disable=rank != 0):
-        items = [dataset[j] for j in range(i, min(i + batch, hi))]
-        codes.append(tok.encode(torch.stack([x for x, _ in items]).to(device)).cpu().numpy())
-        labels += [int(y) for _, y in items]
-    return gather_rows(np.concatenate(codes), world), gather_rows(np.array(labels, np.int64), world)
+def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
+    """Codes (n, N) and labels (n,) of a split for the probe: the codes the AR model was trained / validated on,
+    from train_ar.py's code cache (encoded now if absent), the center view of the ten training crops. An AR
+    checkpoint without our training config (an official one) gets every image of --data."""
+    fields = {f.name for f in dataclasses.fields(ARConfig)}
+    ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0), **{k: v for k, v in ar_train.items() if k in fields})
+    ar_cfg = dataclasses.replace(ar_cfg, tokenizer=tok_path)
+    views = 10 if split == "train" else 1
+    codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
+    return np.asarray(codes[:, 4 if views == 10 else 0]).astype(np.int64), np.asarray(labels)  # ten crops: 4 corners, center
 
 
 def main(cfg: EvalConfig):
-    from train_tokenizer import cleanup_distributed, eval_dataset, setup_distributed
     rank, world, device = setup_distributed()
     master = rank == 0
     assert cfg.tokenizer or cfg.samples or cfg.gpt, "nothing to evaluate: pass --tokenizer, --samples and/or --gpt"
@@ -654,9 +653,8 @@ def main(cfg: EvalConfig):
     if cfg.gpt:
         assert tok is not None, f"{cfg.gpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
         feats = {}
-        for split in ("train", "val"):  # center crops for both (the official probe trains on random crops + flips)
-            data = eval_dataset(cfg.data, split, tok.cfg.image_size)
-            codes, labels = encode_all(tok, data, cfg.batch_size, device, rank, world, f"encoding {split}")
+        for split in ("train", "val"):  # center views for both (the official probe trains on random crops + flips)
+            codes, labels = probe_codes(tok, tok_path, cfg, gpt_config.get("train", {}), split, device, rank, world)
             lo, hi = shard(len(codes), rank, world)
             f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
             feats[split] = (torch.from_numpy(gather_rows(f, world)), torch.from_numpy(labels))
@@ -680,5 +678,4 @@ def main(cfg: EvalConfig):
 
 
 if __name__ == "__main__":
-    from train_tokenizer import parse_config
     main(parse_config(EvalConfig()))

@@ -550,6 +550,24 @@ def test_reconstruction_report_equals_direct_computation():
     assert out["images"] == 6 and math.isfinite(out["rfid"])
 
 
+def test_evaluate_main_reconstruction_without_inception_weights():
+    # the whole script in-process on a random toy tokenizer: the Inception weights are absent, so FID is skipped
+    # with a note and the other metrics are still computed and written
+    import json
+    torch.manual_seed(0)
+    tok = Tokenizer(toy_cfg())
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": tok.state_dict(), "config": {"tokenizer": dataclasses.asdict(tok.cfg)}}, os.path.join(d, "tok.pt"))
+        cfg = evaluate.EvalConfig(tokenizer=os.path.join(d, "tok.pt"), num_images=6, batch_size=3, lpips=False,
+                                  inception_path=os.path.join(d, "absent.pth"))
+        results = evaluate.main(cfg)
+        saved = json.load(open(os.path.join(d, "eval.json")))
+        assert os.path.exists(os.path.join(d, "reconstructions.png")) and os.path.exists(results["reconstruction"]["pca"])
+    rec = saved["results"]["reconstruction"]
+    assert rec["images"] == 6 and "rfid" not in rec and 0 < rec["codebook_usage"] <= 1 and rec["psnr"] > 0
+    assert any("pt_inception-2015-12-05-6726825d.pth" in n for n in saved["notes"])
+
+
 # Every conv of the FID Inception weights file as `name=out x in x kh x kw`; each has a BatchNorm of `out`
 # channels (weight, bias, running_mean, running_var) beside it, then fc 1008x2048 (+ bias). Obtained from
 # pytorch-fid 0.3.0's FID network built in a throwaway venv (torchvision's Inception3(num_classes=1008,
@@ -840,6 +858,224 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
             assert os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns != stamp
     finally:
         train_ar.make_dataset = real
+
+
+# ---- train_tokenizer.py ----
+
+import itertools
+
+import train_tokenizer
+
+
+def _tok_run(out_dir, **kw):
+    """train_tokenizer.main on the toy, offline (no teacher, no LPIPS), tiny batches; -> (result, log rows)."""
+    cfg = train_tokenizer.TrainConfig(out_dir=out_dir, batch_size=2, warmup=0, log_interval=1, image_interval=10 ** 6,
+                                      eval_images=4, teacher="none", lpips=False, device="cpu", **kw)
+    result = train_tokenizer.main(cfg)
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        import json
+        rows = [json.loads(line) for line in f]
+    return result, [r for r in rows if "loss" in r]
+
+
+def test_parse_config_flags_help_and_unknown_flags():
+    cfg = train_tokenizer.parse_config(train_tokenizer.TrainConfig(), ["--size", "s-s", "--max-steps", "7",
+                                       "--fresh", "--lr=3e-4", "--compile", "false", "--data", "/x"])
+    assert (cfg.size, cfg.max_steps, cfg.fresh, cfg.lr, cfg.compile, cfg.data) == ("s-s", 7, True, 3e-4, False, "/x")
+    for bad in (["--no-such-flag", "1"], ["--max-steps", "seven"], ["--max-steps"], ["positional"]):
+        try:
+            train_tokenizer.parse_config(train_tokenizer.TrainConfig(), bad)
+            raise AssertionError(f"{bad} was accepted")
+        except SystemExit as e:
+            assert e.code != 0, bad
+    import contextlib, io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            train_tokenizer.parse_config(train_tokenizer.TrainConfig(), ["--help"])
+        except SystemExit as e:
+            assert e.code == 0
+    text = buf.getvalue()
+    assert "--disc-start" in text and "PatchGAN starts" in text and "--max-steps" in text
+    resolved = train_tokenizer.resolve(train_tokenizer.TrainConfig(size="xl-xxl"))  # spec 1.8 / 4.3
+    assert (resolved.batch_size, resolved.warmup, resolved.entropy_weight, resolved.aux_loss_end,
+            resolved.disc_start, resolved.max_steps, resolved.lr) == (256, 5000, 0.005, 0, 20000, 1_500_000, 1e-4)
+    assert train_tokenizer.resolve(train_tokenizer.TrainConfig(size="b-l")).max_steps == 1_000_000
+
+
+def test_synthetic_images_deterministic_any_size_and_held_out_differs():
+    a = train_tokenizer.make_dataset("synthetic", "train", 48)
+    b = train_tokenizer.make_dataset("synthetic", "train", 48)
+    x, y = a[13]
+    assert x.shape == (3, 48, 48) and -1 <= x.min() and x.max() <= 1 and y == 3 and len(a.classes) == 10
+    assert torch.equal(x, b[13][0])
+    assert train_tokenizer.make_dataset("synthetic", "train", 100)[13][0].shape == (3, 100, 100)
+    val = train_tokenizer.make_dataset("synthetic", "val", 48)
+    assert len(val) == 500 and not torch.equal(val[13][0], x)
+    sub = train_tokenizer.make_dataset("synthetic", "train", 16, num_classes=3, per_class=4)
+    assert len(sub) == 12 and sorted({sub[i][1] for i in range(12)}) == [0, 1, 2]
+
+
+def test_image_folder_recursive_flat_subsets_and_unreadable_files():
+    from PIL import Image
+    import warnings
+    with tempfile.TemporaryDirectory() as d:
+        rng = np.random.default_rng(0)
+        for cls in ("b_cls", "a_cls", "c_cls"):
+            os.makedirs(os.path.join(d, "train", cls, "images"))
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+                    os.path.join(d, "train", cls, "images", f"{i}.png"))
+        with open(os.path.join(d, "train", "a_cls", "images", "3.png"), "w") as f:
+            f.write("not an image")
+        os.makedirs(os.path.join(d, "flat"))
+        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(os.path.join(d, "flat", "g.png"))
+        data = train_tokenizer.make_dataset(d, "train", 32)
+        assert data.classes == ["a_cls", "b_cls", "c_cls"] and len(data) == 10
+        x, y = data[0]
+        assert x.shape == (3, 32, 32) and y == 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x3, y3 = data[3]                      # the unreadable one: reported, replaced by the next image
+        assert any("unreadable image" in str(w.message) for w in caught) and y3 == 1
+        xa, _ = data.train_item(0, np.random.default_rng(1))
+        assert xa.shape == (3, 32, 32)
+        assert len(train_tokenizer.make_dataset(d, "train", 32, num_classes=2, per_class=2)) == 4
+        flat = train_tokenizer.make_dataset(os.path.join(d, "flat"), "train", 16)
+        assert flat.classes == ["flat"] and flat[0][0].shape == (3, 16, 16)       # grayscale -> RGB
+
+
+def test_train_batches_are_a_function_of_seed_rank_and_step():
+    data = train_tokenizer.make_dataset("synthetic", "train", 16, per_class=3)   # 30 images
+    first = list(itertools.islice(train_tokenizer.train_batches(data, 4, rank=1, world=2, seed=5), 9))
+    later = next(train_tokenizer.train_batches(data, 4, rank=1, world=2, seed=5, start=7))
+    assert torch.equal(first[7][0], later[0]) and torch.equal(first[7][1], later[1])   # a resume sees the same
+    other = next(train_tokenizer.train_batches(data, 4, rank=0, world=2, seed=5, start=7))
+    assert not torch.equal(other[0], later[0])
+
+
+def test_checkpoint_save_is_atomic():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ckpt.pt")
+        train_tokenizer.save_checkpoint(dict(step=1, w=torch.ones(3), config=dict(a="b")), path)
+        real_save = torch.save
+
+        def crash(obj, f, *a, **k):
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise KeyboardInterrupt("killed while writing")
+        torch.save = crash
+        try:
+            train_tokenizer.save_checkpoint(dict(step=2, w=torch.zeros(3)), path)
+            raise AssertionError("the crash was swallowed")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            torch.save = real_save
+        ckpt = train_tokenizer.load_checkpoint(path)                  # weights_only=True
+        assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3)) and os.listdir(d) == ["ckpt.pt"]
+
+
+def test_toy_training_steps_reduce_the_loss_on_a_fixed_batch():
+    with tempfile.TemporaryDirectory() as d:   # one training image: every batch is that image (flipped or not)
+        result, rows = _tok_run(d, max_steps=25, num_classes=1, per_class=1, lr=1e-3)
+        losses = [r["mse"] for r in rows]
+        assert len(losses) == 25 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+        assert os.path.exists(os.path.join(d, "ckpt.pt")) and os.path.exists(os.path.join(d, "recon-0000025.png"))
+        loaded = model.load_tokenizer(os.path.join(d, "ckpt.pt"))    # the checkpoint is what the loader reads
+        assert loaded.cfg == result["tokenizer"].cfg
+
+
+def test_discriminator_terms_zero_before_disc_start_and_active_after_and_resume_continues():
+    with tempfile.TemporaryDirectory() as d:
+        _, rows = _tok_run(d, max_steps=3, disc_start=3, lr=1e-4, end_lr=1e-4)
+        assert [r["step"] for r in rows] == [1, 2, 3] and all(r["gan"] == 0 and r["d_loss"] == 0 for r in rows)
+        torch.manual_seed(0)
+        Tokenizer(TOKENIZER_PRESETS["toy"])
+        init_disc = model.PatchDiscriminator().state_dict()        # created right after the tokenizer, same seed
+        ckpt = train_tokenizer.load_checkpoint(os.path.join(d, "ckpt.pt"))
+        assert ckpt["step"] == 3 and all(torch.equal(v, ckpt["discriminator"][k]) for k, v in init_disc.items())
+        result, rows = _tok_run(d, max_steps=5, disc_start=3, lr=1e-4, end_lr=1e-4)   # the same command, longer
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]                           # continued at step 4
+        assert all(r["gan"] != 0 and r["d_loss"] > 0 for r in rows[3:])
+        weights = {k: v.clone() for k, v in result["tokenizer"].state_dict().items()}
+        changed = result["discriminator"].state_dict()
+        assert any(not torch.equal(v, changed[k]) for k, v in init_disc.items() if v.is_floating_point())
+    with tempfile.TemporaryDirectory() as d:   # resumed == uninterrupted (constant lr: same schedule)
+        result, _ = _tok_run(d, max_steps=5, disc_start=3, lr=1e-4, end_lr=1e-4)
+        for k, v in result["tokenizer"].state_dict().items():
+            assert torch.allclose(v, weights[k], atol=1e-6), k
+
+
+TINY_HUBCONF = '''
+import torch, torch.nn as nn
+dependencies = ["torch"]
+
+class TinyViT(nn.Module):
+    """patch embedding + LayerNorm, the interface of DINOv2's hub models"""
+    def __init__(self, dim):
+        super().__init__()
+        self.patch_size = 14
+        self.patch_embed = nn.Conv2d(3, dim, 14, 14)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward_features(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return {"x_norm_patchtokens": self.norm(t), "x_norm_clstoken": t.mean(1)}
+
+def tiny_vit(dim=384, **kw):
+    torch.manual_seed(123)
+    return TinyViT(dim)
+'''
+
+
+def test_teacher_through_local_hub_repo_is_frozen_and_semantic_loss_is_direct():
+    with tempfile.TemporaryDirectory() as d:
+        repo = os.path.join(d, "hubrepo")
+        os.makedirs(repo)
+        with open(os.path.join(repo, "hubconf.py"), "w") as f:
+            f.write(TINY_HUBCONF)
+        out = os.path.join(d, "run")
+        result, rows = _tok_run(out, max_steps=3, teacher="tiny_vit", teacher_repo=repo)
+        teacher, tok = result["teacher"], result["tokenizer"]
+        assert teacher is not None and all(r["semantic"] < 0 for r in rows)   # -mean cos, in [-1, 1]
+        fresh = torch.hub.load(repo, "tiny_vit", source="local")
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in teacher.net.state_dict().items())
+        assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+        torch.manual_seed(0)
+        init = Tokenizer(TOKENIZER_PRESETS["toy"]).state_dict()
+        assert not torch.equal(init["decoder.semantic_head.0.weight"], tok.state_dict()["decoder.semantic_head.0.weight"])
+        ckpt = train_tokenizer.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        assert not any(k.startswith(("teacher", "net.")) for k in ckpt["model"])   # the teacher is not saved
+        # the teacher's input (official order: normalize, then bicubic resize to grid*14) and the loss
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        direct_in = F.interpolate(((x + 1) / 2 - mean) / std, size=8 * 14, mode="bicubic", align_corners=False)
+        t = teacher(x)
+        assert t.shape == (2, 64, 384) and torch.allclose(t, fresh.forward_features(direct_in)["x_norm_patchtokens"], atol=1e-5)
+        s = torch.randn(2, 64, 384)
+        direct = np.mean([np.mean([-(s[j, i] @ t[j, i]).item() / (s[j, i].norm() * t[j, i].norm()).item()
+                                   for i in range(64)]) for j in range(2)])
+        assert abs(train_tokenizer.semantic_loss(s, t).item() - direct) < 1e-5
+        with torch.no_grad():
+            _, aux = tok.train()(x)
+        assert aux["sem_feat"].shape == t.shape
+
+
+def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
+    with tempfile.TemporaryDirectory() as d:
+        cfg = train_tokenizer.TrainConfig(size="s-s", out_dir=d, teacher_repo=os.path.join(d, "absent"), lpips=False,
+                                          device="cpu", max_steps=0, batch_size=1)
+        try:
+            train_tokenizer.main(cfg)
+            raise AssertionError("a paper preset trained without its teacher")
+        except SystemExit as e:
+            assert "teacher none" in str(e) and "teacher-repo" in str(e)
+        import contextlib, io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            result, _ = _tok_run(os.path.join(d, "toy"), max_steps=1, teacher="", teacher_repo=os.path.join(d, "absent"))
+        assert result["teacher"] is None and "warning: could not load the DINOv2 teacher" in buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
