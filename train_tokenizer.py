@@ -496,7 +496,7 @@ class TrainConfig:
 # S-L has no official yaml: B-L's values. The 2D presets' lengths are not stated: those of their 1D twins.
 # The toy's numbers are ours: a small batch at a high lr for as many steps as ~8 CPU minutes allow.
 TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
-    "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.0, aux_loss_end=0, disc_start=10 ** 9, max_steps=1000,
+    "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=1000,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250),
     "s-s":    dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=100),
     "s-b":    dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=200),
@@ -676,7 +676,8 @@ def main(cfg: TrainConfig):
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path) and not cfg.fresh:
         ckpt = load_checkpoint(ckpt_path, device)
-        if ckpt["config"]["tokenizer"] != json.loads(json.dumps(asdict(tcfg))):
+        same = lambda c: json.loads(json.dumps(c))  # tuples and lists compare equal
+        if same(ckpt["config"]["tokenizer"]) != same(asdict(tcfg)):
             raise SystemExit(f"{ckpt_path} holds another tokenizer configuration: pass --fresh or another --out-dir")
         tok.load_state_dict(ckpt["model"])
         disc.load_state_dict(ckpt["discriminator"])
@@ -775,12 +776,15 @@ def main(cfg: TrainConfig):
                 d_loss=d_loss.item() if g > 0 else 0.0, usage=aux["usage"], grad_norm=grad_norm.item(), lr=lr,
                 img_per_s=seen / dt)
             seen = 0
-        if master and (step % cfg.image_interval == 0 or step == cfg.max_steps):
-            save_grid(raw, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"))
+        if step % cfg.image_interval == 0 or step == cfg.max_steps:
+            if master:
+                save_grid(raw, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"))
+            if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
+                log(step, val_psnr_100=evaluate_held_out(raw, val_set, 100, 32, rank, world, device)[0])
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
-    if os.path.exists(ckpt_path) is False:
+    if not os.path.exists(ckpt_path):  # max_steps 0
         save()
     val_psnr, usage = evaluate_held_out(raw, val_set, cfg.eval_images, 32, rank, world, device)
     if master:
@@ -788,7 +792,7 @@ def main(cfg: TrainConfig):
         print(f"held-out PSNR {val_psnr:.2f} dB, codebook usage {100 * usage:.1f}% over "
               f"{min(cfg.eval_images, len(val_set))} images; checkpoint {ckpt_path}")
     cleanup_distributed()
-    return dict(step=step, val_psnr=val_psnr, usage=usage, loss=loss.item() if "loss" in dir() else None)
+    return dict(step=step, val_psnr=val_psnr, usage=usage, tokenizer=raw, discriminator=disc, teacher=teacher)
 
 
 if __name__ == "__main__":
