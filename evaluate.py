@@ -221,7 +221,7 @@ def load_inception(path=None, device="cpu"):
     path = path or os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.exists(path):
         raise RuntimeError(f"FID Inception weights not found at {path}: download {INCEPTION_URL} to "
-                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/ or pass --inception_path")
+                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/ or pass --inception-path")
     net = InceptionV3()
     sd = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
           if not k.endswith("num_batches_tracked")}

@@ -666,7 +666,7 @@ def test_inception_weights_absent_message():
     try:
         evaluate.load_inception("/nonexistent/pt_inception.pth")
     except RuntimeError as e:
-        assert "pt_inception-2015-12-05-6726825d.pth" in str(e) and "--inception_path" in str(e), str(e)
+        assert "pt_inception-2015-12-05-6726825d.pth" in str(e) and "--inception-path" in str(e), str(e)
     else:
         raise AssertionError("no error for a missing weights file")
 
