@@ -496,7 +496,7 @@ class TrainConfig:
 # S-L has no official yaml: B-L's values. The 2D presets' lengths are not stated: those of their 1D twins.
 # The toy's numbers are ours: a small batch at a high lr for as many steps as ~8 CPU minutes allow.
 TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
-    "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=1000,
+    "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=600,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250),
     "s-s":    dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=100),
     "s-b":    dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=200),
@@ -547,6 +547,7 @@ class Teacher(torch.nn.Module):
         self.grid, self.patch = grid, int(getattr(self.net, "patch_size", 14))
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.eval()
 
     def train(self, mode=True):  # always in eval mode
         return super().train(False)
