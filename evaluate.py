@@ -346,7 +346,8 @@ class ImageSet:
     def __init__(self, path):
         self.path, self.files, self.n = path, None, 0
         if os.path.isdir(path):
-            self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(self.exts))
+            self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path)
+                                for f in fs if f.lower().endswith(self.exts))
             self.n = len(self.files)
         elif "arr_0.npy" in zipfile.ZipFile(path).namelist():
             with zipfile.ZipFile(path).open("arr_0.npy") as f:          # the .npy header, then raw rows
@@ -354,7 +355,8 @@ class ImageSet:
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, fortran, self.dtype = read(f)
                 self.offset = f.tell()
-            assert not fortran and len(shape) == 4 and shape[-1] == 3 and self.dtype == np.uint8, (path, shape, self.dtype)
+            assert not fortran and len(shape) == 4 and shape[-1] == 3 and self.dtype == np.uint8, \
+                f"{path}: arr_0 must be (n, H, W, 3) uint8, not {shape} {self.dtype}"
             self.n, self.shape = shape[0], shape[1:]
         self.has_images = self.n > 0
 
@@ -499,7 +501,8 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
     As the official probe: lr = base lr * batch / 256, 10/90 of the epochs of linear warmup, then a half-cosine
     to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9 instead of LARS."""
     g = torch.Generator().manual_seed(seed)
-    probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6), nn.Linear(train_x.shape[1], num_classes))
+    dim = train_x.shape[1]
+    probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
     with torch.no_grad():
         nn.init.trunc_normal_(probe[1].weight, std=0.01, generator=g)
         probe[1].bias.zero_()
@@ -530,6 +533,18 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
 
 # -----------------------------------------------------------------------------------------------------------
 # The semantic picture (paper Figure 8)
+
+
+def first_of_one_class(data, k):
+    """The first k images of the first class that has k of them (among the first 2000) -> ((k, 3, H, W), label)."""
+    by_class = {}
+    for i in range(min(len(data), 2000)):
+        x, y = data[i]
+        by_class.setdefault(int(y), []).append(x)
+        if len(by_class[int(y)]) == k:
+            return torch.stack(by_class[int(y)]), int(y)
+    y = max(by_class, key=lambda c: len(by_class[c]))
+    return torch.stack(by_class[y]), y
 
 
 @torch.no_grad()
@@ -595,11 +610,12 @@ def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
     from train_ar.py's code cache (encoded now if absent), the center view of the ten training crops. An AR
     checkpoint without our training config (an official one) gets every image of --data."""
     fields = {f.name for f in dataclasses.fields(ARConfig)}
-    ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0), **{k: v for k, v in ar_train.items() if k in fields})
-    ar_cfg = dataclasses.replace(ar_cfg, tokenizer=tok_path)
+    ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0),
+                                 **{k: v for k, v in ar_train.items() if k in fields}, tokenizer=tok_path)
     views = 10 if split == "train" else 1
     codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
-    return np.asarray(codes[:, 4 if views == 10 else 0]).astype(np.int64), np.asarray(labels)  # ten crops: 4 corners, center
+    center = 4 if views == 10 else 0                                                 # ten crops: 4 corners, center
+    return np.asarray(codes[:, center]).astype(np.int64), np.asarray(labels)
 
 
 def main(cfg: EvalConfig):
@@ -628,27 +644,23 @@ def main(cfg: EvalConfig):
         lpips = None
         if cfg.lpips:
             try:
-                lpips = model.load_lpips(model.LPIPS(), cfg.vgg_path or None, cfg.lpips_lin_path or None).to(device).eval()
+                lpips = model.load_lpips(model.LPIPS(), cfg.vgg_path or None, cfg.lpips_lin_path or None)
+                lpips = lpips.to(device).eval()
             except RuntimeError as e:
                 notes.append(f"LPIPS skipped: {e}")
         data = eval_dataset(cfg.data, cfg.split, tok.cfg.image_size)          # center crop, [-1, 1]
         rec = reconstruction_report(tok, data, cfg, device, rank, world, inception, lpips, out_dir)
-        if cfg.pca and tok.cfg.kind == "1d" and master:
-            by_class = {}
-            for i in range(min(len(data), 2000)):
-                x, y = data[i]
-                by_class.setdefault(int(y), []).append(x)
-                if len(by_class[int(y)]) == 6:
-                    rec["pca"] = pca_picture(tok, torch.stack(by_class[int(y)]).to(device),
-                                             os.path.join(out_dir, f"pca-class{y}.png"))
-                    break
+        if cfg.pca and master:
+            x, y = first_of_one_class(data, 6)
+            rec["pca"] = pca_picture(tok, x.to(device), os.path.join(out_dir, f"pca-class{y}.png"))
         results["reconstruction"] = rec
 
     if cfg.samples:
         if inception is None:
             notes.append("generation report skipped: it needs the Inception weights")
         else:
-            results["generation"] = generation_report(cfg.samples, cfg.ref, cfg, device, rank, world, inception, out_dir)
+            results["generation"] = generation_report(cfg.samples, cfg.ref, cfg, device, rank, world, inception,
+                                                      out_dir)
 
     if cfg.gpt:
         assert tok is not None, f"{cfg.gpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
