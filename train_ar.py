@@ -61,7 +61,7 @@ class ARConfig:
     compile: bool = False        # torch.compile the AR model
     device: str = ""             # "" = cuda, else mps, else cpu
     threads: int = 0             # torch CPU threads (0 = torch's default)
-    encode_batch: int = 64       # images per tokenizer call while building the code cache
+    encode_batch: int = 32       # images per tokenizer call while building the code cache (x views each)
     seed: int = 0
     log_interval: int = -1       # steps between log lines; -1 = the preset's
     eval_interval: int = -1      # steps between validation cross-entropies (and at the end); -1 = the preset's
