@@ -611,7 +611,7 @@ def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
     checkpoint without our training config (an official one) gets every image of --data."""
     fields = {f.name for f in dataclasses.fields(ARConfig)}
     ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0),
-                                 **{k: v for k, v in ar_train.items() if k in fields}, tokenizer=tok_path)
+                                 **{**{k: v for k, v in ar_train.items() if k in fields}, "tokenizer": tok_path})
     views = 10 if split == "train" else 1
     codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
     center = 4 if views == 10 else 0                                                 # ten crops: 4 corners, center

@@ -515,7 +515,8 @@ def test_generation_report_reads_npz_and_folders_and_adm_reference_stats():
             Image.fromarray(im).save(os.path.join(d, "ref", "sub" if i % 2 else "", f"{i:03d}.png"))
         npz, folder = evaluate.ImageSet(os.path.join(d, "samples.npz")), evaluate.ImageSet(os.path.join(d, "ref"))
         assert len(npz) == len(folder) == 6 and (npz.rows(2, 5) == imgs[2:5]).all()
-        out = evaluate.generation_report(os.path.join(d, "samples.npz"), os.path.join(d, "ref"), cfg, "cpu", 0, 1, net, d)
+        samples, ref = os.path.join(d, "samples.npz"), os.path.join(d, "ref")
+        out = evaluate.generation_report(samples, ref, cfg, "cpu", 0, 1, net, d)
         assert abs(out["gfid"]) < 1e-3 and out["precision"] == out["recall"] == 1.0, out  # float32 features
         cache = os.path.join(d, "ref-ref-inception.npz")                              # reusable as --ref
         assert set(np.load(cache).files) == {"mu", "sigma", "pool"}
@@ -558,15 +559,53 @@ def test_evaluate_main_reconstruction_without_inception_weights():
     torch.manual_seed(0)
     tok = Tokenizer(toy_cfg())
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": tok.state_dict(), "config": {"tokenizer": dataclasses.asdict(tok.cfg)}}, os.path.join(d, "tok.pt"))
+        ckpt = {"model": tok.state_dict(), "config": {"tokenizer": dataclasses.asdict(tok.cfg)}}
+        torch.save(ckpt, os.path.join(d, "tok.pt"))
         cfg = evaluate.EvalConfig(tokenizer=os.path.join(d, "tok.pt"), num_images=6, batch_size=3, lpips=False,
                                   inception_path=os.path.join(d, "absent.pth"))
         results = evaluate.main(cfg)
         saved = json.load(open(os.path.join(d, "eval.json")))
-        assert os.path.exists(os.path.join(d, "reconstructions.png")) and os.path.exists(results["reconstruction"]["pca"])
+        assert os.path.exists(os.path.join(d, "reconstructions.png"))
+        assert os.path.exists(results["reconstruction"]["pca"])
     rec = saved["results"]["reconstruction"]
     assert rec["images"] == 6 and "rfid" not in rec and 0 < rec["codebook_usage"] <= 1 and rec["psnr"] > 0
     assert any("pt_inception-2015-12-05-6726825d.pth" in n for n in saved["notes"])
+
+
+def test_evaluate_main_probe_reads_the_ar_code_cache():
+    # main(--gpt) end to end on a prepared train_ar.py code cache (class-dependent codes, as train_ar would have
+    # written them for a random toy tokenizer): the probe must find the cache, take the center view, and beat chance
+    import json
+    import train_ar
+    torch.manual_seed(0)
+    tok = Tokenizer(toy_cfg())
+    N, vocab, classes = tok.cfg.num_tokens, tok.cfg.codebook_size, 4
+    gcfg = dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, n_head=2, vocab_size=vocab, block_size=N,
+                               num_classes=classes)
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = {"model": tok.state_dict(), "config": {"tokenizer": dataclasses.asdict(tok.cfg)}}
+        torch.save(ckpt, os.path.join(d, "tok.pt"))
+        train = dict(tokenizer=os.path.join(d, "tok.pt"), data="synthetic", per_class=10,
+                     code_dir=os.path.join(d, "codes"))
+        torch.save({"model": GPT(gcfg).state_dict(), "config": {"gpt": dataclasses.asdict(gcfg), "train": train}},
+                   os.path.join(d, "gpt.pt"))
+        g = torch.Generator().manual_seed(0)
+        for split, n, views, per_class in (("train", 40, 10, 10), ("val", 40, 1, 0)):
+            y = torch.arange(n) % classes
+            codes = torch.randint(vocab, (n, views, N), generator=g)
+            codes[:, 4 if views == 10 else 0, : N // 2] = y[:, None] * 7  # only the center view carries the class
+            folder = os.path.join(d, "codes", split)
+            os.makedirs(folder)
+            np.save(os.path.join(folder, "codes.npy"), codes.numpy().astype(np.uint16))
+            np.save(os.path.join(folder, "labels.npy"), y.numpy())
+            meta = dict(fingerprint=train_ar.tokenizer_fingerprint(tok), data="synthetic", num_classes=0,
+                        per_class=per_class, views=views, classes=[str(c) for c in range(classes)])
+            json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+        results = evaluate.main(evaluate.EvalConfig(gpt=os.path.join(d, "gpt.pt"), probe_epochs=10, probe_batch=16,
+                                                    inception_path=os.path.join(d, "absent.pth")))
+    probe = results["linear_probe"]
+    assert probe["train_images"] == 40 and probe["val_images"] == 40 and probe["layer"] == 1
+    assert probe["top1"] > 90, probe                      # chance: 25%
 
 
 # Every conv of the FID Inception weights file as `name=out x in x kh x kw`; each has a BatchNorm of `out`
