@@ -42,6 +42,7 @@ class SampleConfig:
     out: str = ""                     # grid PNG path, or folder for num_samples; "" = beside the checkpoint
     bf16: bool = True                 # bf16 autocast for the AR model on CUDA (the tokenizer decodes in fp32)
     device: str = ""                  # "" = cuda, else mps, else cpu
+    threads: int = 0                  # torch CPU threads (0 = torch's default)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ def labelled_grid(rows, names, label_width=110):
 
 def main(cfg: SampleConfig):
     rank, world, device = setup_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if not os.path.exists(cfg.ckpt):
         raise SystemExit(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
