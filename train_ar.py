@@ -140,7 +140,9 @@ def build_code_cache(tok, images, folder, views, batch, rank, world, device):
     if rank == 0:
         np.lib.format.open_memmap(codes_path, "w+", code_dtype(tok.cfg.codebook_size), (n, views, N)).flush()
         np.lib.format.open_memmap(labels_path, "w+", np.int64, (n,)).flush()
-    barrier()
+    barrier()  # every process has read the old meta.json (if any) by now: it goes, and comes back when complete
+    if rank == 0 and os.path.exists(os.path.join(folder, "meta.json")):
+        os.remove(os.path.join(folder, "meta.json"))
     codes, labels = np.load(codes_path, mmap_mode="r+"), np.load(labels_path, mmap_mode="r+")
     mine = list(range(rank, n, world))
     for s in tqdm(range(0, len(mine), batch), desc=f"encoding {folder}", disable=rank != 0):
@@ -190,9 +192,11 @@ def code_cache(tok, cfg, split, views, rank, world, device):
     return codes, np.load(os.path.join(folder, "labels.npy")), meta["classes"]
 
 
-def unigram_entropy(codes, vocab_size):
+def unigram_entropy(codes, vocab_size, chunk=4096):
     """Entropy (nats) of the code distribution: the cross-entropy of a model that ignores the context."""
-    counts = np.bincount(np.asarray(codes).ravel(), minlength=vocab_size).astype(np.float64)
+    counts = np.zeros(vocab_size, np.float64)
+    for s in range(0, len(codes), chunk):  # in chunks: ImageNet's cache is 6.5 GB
+        counts += np.bincount(np.asarray(codes[s:s + chunk]).ravel(), minlength=vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
