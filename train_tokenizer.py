@@ -603,7 +603,8 @@ def evaluate_held_out(tok, data, n, batch, rank, world, device):
     for s in range(0, len(mine), batch):
         x = torch.stack([data[i][0] for i in mine[s:s + batch]]).to(device)
         codes = tok.encode(x)
-        total += torch.stack([psnr(tok.decode(codes).float(), x).sum().double(), torch.tensor(len(x), device=device)])
+        total += torch.stack([psnr(tok.decode(codes).float(), x).sum().double(),
+                              torch.tensor(len(x), dtype=torch.float64, device=device)])
         used[codes.flatten().unique()] = 1
     all_reduce(total)
     all_reduce(used, "max")
@@ -618,6 +619,8 @@ def save_grid(tok, x, path):
     rec = tok.decode(tok.encode(x)).float()
     tok.train()
     rows = torch.cat([torch.cat(list(x), -1), torch.cat(list(rec), -1)], -2)      # (3, 2H, n*W)
+    if x.shape[-1] < 128:                                                          # small images: enlarge 2x
+        rows = rows.repeat_interleave(2, -1).repeat_interleave(2, -2)
     Image.fromarray((127.5 * rows + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()).save(path)
 
 # -----------------------------------------------------------------------------------------------------------
