@@ -465,7 +465,7 @@ class TrainConfig:
     end_lr: float = -1.0         # cosine decay floor; -1 = the preset's (paper 1e-5)
     warmup: int = -1             # linear warmup steps from lr/100; -1 = the preset's (0, or 5000 for XL-XXL)
     weight_decay: float = 1e-4   # AdamW, on every parameter (official DDP trainer)
-    beta1: float = 0.9
+    beta1: float = 0.9           # AdamW betas (official 0.9, 0.95)
     beta2: float = 0.95
     grad_clip: float = 10.0      # max gradient norm, tokenizer and discriminator alike
     entropy_weight: float = -1.0  # entropy loss weight; -1 = the preset's (0.005 for XL-XXL, Sec. 3.3)
@@ -484,7 +484,7 @@ class TrainConfig:
     device: str = ""             # "" = cuda, else mps, else cpu
     num_workers: int = -1        # data-loading processes per GPU process; -1 = 6 on CUDA, 0 on CPU
     threads: int = 0             # torch CPU threads (0 = torch's default)
-    seed: int = 0
+    seed: int = 0                # model init, data order and augmentation
     log_interval: int = -1       # steps between log lines; -1 = the preset's
     image_interval: int = -1     # steps between PNG grids of held-out reconstructions; -1 = the preset's
     ckpt_interval: int = -1      # steps between checkpoints (and at the end); -1 = the preset's
