@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import model
 from model import GPT, GPT_PRESETS
-from train_tokenizer import (Logger, _epoch_order, all_reduce, barrier, cleanup_distributed, load_checkpoint,
-                             make_dataset, parse_config, save_checkpoint, setup_distributed)
+from train_tokenizer import (Logger, _epoch_order, all_reduce, barrier, batch_and_precision, cleanup_distributed,
+                             load_checkpoint, make_dataset, parse_config, save_checkpoint, setup_distributed)
 
 
 @dataclass
@@ -268,13 +268,7 @@ def main(cfg: ARConfig):
     master = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    assert micro * world * cfg.grad_accum == cfg.batch_size, \
-        f"batch {cfg.batch_size} does not split into {world} processes x {cfg.grad_accum} accumulation steps"
-    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
-    assert precision in ("bf16", "fp16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16, fp16 or fp32"
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
-    autocast = torch.autocast(device.type, dtype) if precision != "fp32" else nullcontext()
+    micro, precision, autocast = batch_and_precision(cfg, world, device)
     if not os.path.exists(cfg.tokenizer):
         raise SystemExit(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
                          f"for the toy), or pass --tokenizer <ours or an official GigaTok checkpoint>")

@@ -630,6 +630,18 @@ def count(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
+def batch_and_precision(cfg, world, device):
+    """The per-process micro-batch of a global cfg.batch_size, and the precision with its autocast context
+    (auto: bf16 on CUDA, fp32 elsewhere). Shared by the training scripts."""
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    assert micro * world * cfg.grad_accum == cfg.batch_size, \
+        f"batch {cfg.batch_size} does not split into {world} processes x {cfg.grad_accum} accumulation steps"
+    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+    assert precision in ("bf16", "fp16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16, fp16 or fp32"
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
+    return micro, precision, (torch.autocast(device.type, dtype) if precision != "fp32" else nullcontext())
+
+
 def main(cfg: TrainConfig):
     cfg = resolve(cfg)
     rank, world, device = setup_distributed(cfg.device)
@@ -639,13 +651,7 @@ def main(cfg: TrainConfig):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official trainer
     paper = cfg.size != "toy"
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    assert micro * world * cfg.grad_accum == cfg.batch_size, \
-        f"batch {cfg.batch_size} does not split into {world} processes x {cfg.grad_accum} accumulation steps"
-    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
-    assert precision in ("bf16", "fp16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16, fp16 or fp32"
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
-    autocast = torch.autocast(device.type, dtype) if precision != "fp32" else nullcontext()
+    micro, precision, autocast = batch_and_precision(cfg, world, device)
 
     # 1. data
     train_set = make_dataset(cfg.data, "train", TOKENIZER_PRESETS[cfg.size].image_size, cfg.seed,
