@@ -339,6 +339,16 @@ def test_load_tokenizer_reads_our_checkpoint_and_its_config():
     _assert_same_tokenizer(tok, loaded, 64)
 
 
+def _with_tensor(state, name, tensor):
+    """A copy of `state` with `name` set to `tensor`, or removed when tensor is None."""
+    bad = dict(state)
+    if tensor is None:
+        del bad[name]
+    else:
+        bad[name] = tensor
+    return bad
+
+
 def test_load_tokenizer_names_missing_mis_shaped_and_unused_tensors():
     torch.manual_seed(0)
     state = _official_tokenizer_state(Tokenizer(toy_cfg()))
@@ -346,13 +356,8 @@ def test_load_tokenizer_names_missing_mis_shaped_and_unused_tensors():
              ("wrong shape", "s1to2decoder.ln_post.bias", torch.zeros(7), "s1to2decoder.ln_post.bias"),
              ("unused", "s2to1encoder.extra_query", torch.zeros(3), "s2to1encoder.extra_query")]
     for kind, name, tensor, reported in cases:
-        bad = dict(state)
-        if tensor is None:
-            del bad[name]
-        else:
-            bad[name] = tensor
         try:
-            model.load_tokenizer({"model": bad})
+            model.load_tokenizer({"model": _with_tensor(state, name, tensor)})
         except ValueError as e:
             assert kind in str(e) and reported in str(e), (kind, str(e))
         else:
@@ -378,13 +383,8 @@ def test_load_official_gpt_round_trip_and_errors():
     with torch.no_grad():
         assert torch.equal(gpt(codes, labels), ours(codes, labels))
     for name, tensor in [("layers.2.attention.wqkv.weight", None), ("layers.0.feed_forward.w2.weight", torch.zeros(3, 3))]:
-        bad = dict(state)
-        if tensor is None:
-            del bad[name]
-        else:
-            bad[name] = tensor
         try:
-            model.load_gpt({"model": bad})
+            model.load_gpt({"model": _with_tensor(state, name, tensor)})
         except ValueError as e:
             assert name in str(e), str(e)
         else:
