@@ -1102,6 +1102,27 @@ def test_teacher_through_local_hub_repo_is_frozen_and_semantic_loss_is_direct():
         assert aux["sem_feat"].shape == t.shape
 
 
+def test_init_from_fills_a_new_run_from_an_official_checkpoint():
+    torch.manual_seed(0)
+    src = Tokenizer(toy_cfg()).eval()
+    stripped = {k: v for k, v in _official_tokenizer_state(src).items() if "distill_mlp" not in k}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "official.pt")
+        torch.save(_official_checkpoint(stripped), path)
+        torch.manual_seed(1)
+        tok = Tokenizer(toy_cfg()).eval()
+        head = tok.decoder.semantic_head[0].weight.clone()
+        train_tokenizer.init_tokenizer(tok, path)
+        _assert_same_tokenizer(src, tok, 64)
+        assert torch.equal(tok.decoder.semantic_head[0].weight, head)   # absent there: kept as initialized
+        other = Tokenizer(toy_cfg(num_latent_tokens=32))
+        try:
+            train_tokenizer.init_tokenizer(other, path)
+            raise AssertionError("a mismatched --init-from was accepted")
+        except SystemExit as e:
+            assert "does not fit" in str(e), e
+
+
 def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
     with tempfile.TemporaryDirectory() as d:
         cfg = train_tokenizer.TrainConfig(size="s-s", out_dir=d, teacher_repo=os.path.join(d, "absent"), lpips=False,

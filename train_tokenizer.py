@@ -458,6 +458,7 @@ class TrainConfig:
     per_class: int = 0           # use only the first M images of each class (0 = all)
     out_dir: str = ""            # "" = out/tokenizer-<size>; holds ckpt.pt, log.jsonl, recon-*.png
     fresh: bool = False          # start over even if out_dir holds a checkpoint (default: continue from it)
+    init_from: str = ""          # a new run starts from these tokenizer weights (official GigaTok or ours; same size)
     max_steps: int = -1          # optimizer steps; -1 = the preset's (paper: epochs * 1.28M / batch)
     batch_size: int = -1         # global batch (all processes and accumulation steps); -1 = the preset's
     grad_accum: int = 1          # micro-steps per optimizer step (per-process micro-batch = batch / world / accum)
@@ -642,6 +643,22 @@ def batch_and_precision(cfg, world, device):
     return micro, precision, (torch.autocast(device.type, dtype) if precision != "fp32" else nullcontext())
 
 
+def init_tokenizer(tok, path, master=True):
+    """Fine-tuning: fill a new run's tokenizer from an official GigaTok or our checkpoint of the same architecture.
+    A released checkpoint without the semantic head keeps this run's freshly initialized head (and says so)."""
+    src = model.load_tokenizer(path).state_dict()
+    mine = tok.state_dict()
+    fresh_head = [k for k in mine if k.startswith("decoder.semantic_head.") and k not in src]
+    wrong = sorted(set(src) ^ (set(mine) - set(fresh_head))) + \
+        [k for k in src if k in mine and src[k].shape != mine[k].shape]
+    if wrong:
+        raise SystemExit(f"--init-from {path}: its tokenizer does not fit --size's ({len(wrong)} tensors differ, "
+                         f"first {wrong[0]}); pass the --size it was trained as")
+    tok.load_state_dict({**mine, **src})
+    if master:
+        print(f"initialized from {path}" + (" (semantic head absent there: freshly initialized)" if fresh_head else ""))
+
+
 def main(cfg: TrainConfig):
     cfg = resolve(cfg)
     rank, world, device = setup_distributed(cfg.device)
@@ -696,6 +713,8 @@ def main(cfg: TrainConfig):
         step = ckpt["step"]
         if ckpt["config"]["train"]["batch_size"] != cfg.batch_size and master:
             print(f"note: the checkpoint was trained at batch {ckpt['config']['train']['batch_size']}")
+    elif cfg.init_from:
+        init_tokenizer(tok, cfg.init_from, master)
     raw = tok
     if cfg.compile:
         tok = torch.compile(tok)
