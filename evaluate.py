@@ -34,15 +34,10 @@ from tqdm import tqdm
 
 import model
 from train_ar import ARConfig, code_cache
-from train_tokenizer import all_reduce, cleanup_distributed, eval_dataset, parse_config, setup_distributed
+from train_tokenizer import all_reduce, cleanup_distributed, eval_dataset, parse_config, setup_distributed, to_uint8
 
 # -----------------------------------------------------------------------------------------------------------
 # Pixel metrics on saved (uint8) images
-
-
-def to_uint8(x):
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8, the PNG the official code saves (+128, not +127.5)."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _pair(a, b):
@@ -634,7 +629,7 @@ def main(cfg: EvalConfig):
 
     gpt_config = {}
     if cfg.gpt:
-        ckpt = model._read_checkpoint(cfg.gpt)
+        ckpt = model.read_checkpoint(cfg.gpt)
         gpt_config = ckpt.get("config") or {}
         gpt = model.load_gpt(ckpt, device=device)
     tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")

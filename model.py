@@ -713,7 +713,7 @@ OFFICIAL_GPT_NAMES = [(r"^cls_embedding\.embedding_table\.", "cls_embedding.")]
 OFFICIAL_DROPPED = r"^quantize\.codebook_used$|\.kv_cache\.[kv]_cache$"
 
 
-def _read_checkpoint(path_or_state):
+def read_checkpoint(path_or_state):
     """A checkpoint path, or an already loaded dict -> dict of CPU tensors (memory-mapped when possible)."""
     if isinstance(path_or_state, dict):
         return path_or_state
@@ -828,7 +828,7 @@ def load_tokenizer(path_or_state, device="cpu"):
     The configuration is read off the tensor shapes (and our checkpoint's config, where it has one); the load
     is strict: every tensor of ours is filled and every tensor of the file is used, except the codebook-usage
     buffer. The discriminator, optimizer states and args of a training checkpoint are ignored."""
-    sd, config = _state_dict_of(_read_checkpoint(path_or_state))
+    sd, config = _state_dict_of(read_checkpoint(path_or_state))
     if any(k.startswith(("s2to1encoder.", "s2dencoder.")) for k in sd):
         source, named = "official GigaTok", _rename(sd, OFFICIAL_TOKENIZER_NAMES, OFFICIAL_LAYER_NAMES)
     elif any(k.startswith("cnn_encoder.") for k in sd):
@@ -847,7 +847,7 @@ def load_gpt(path_or_state, device="cpu"):
     """GPT from one of our checkpoints or an official GigaTok AR one (gpt_1d: learned absolute positions), in eval
     mode, loaded strictly (see load_tokenizer). Heads are not visible in the shapes: they come from the preset
     of that width and depth (every official size has 64-d heads)."""
-    sd, config = _state_dict_of(_read_checkpoint(path_or_state))
+    sd, config = _state_dict_of(read_checkpoint(path_or_state))
     if "cls_embedding.embedding_table.weight" in sd:
         source, named = "official GigaTok", _rename(sd, OFFICIAL_GPT_NAMES)
     elif "cls_embedding.weight" in sd:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import model
-from train_tokenizer import barrier, cleanup_distributed, parse_config, setup_distributed
+from train_tokenizer import barrier, cleanup_distributed, parse_config, setup_distributed, to_uint8
 
 
 @dataclass
@@ -114,11 +114,6 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
 # -----------------------------------------------------------------------------------------------------------
 # Images
 
-def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as the official sampler (127.5 x + 128, clamped)."""
-    return (127.5 * images + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def labelled_grid(rows, names, label_width=110):
     """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class name at left."""
     from PIL import Image, ImageDraw
@@ -139,7 +134,7 @@ def main(cfg: SampleConfig):
     if not os.path.exists(cfg.ckpt):
         raise SystemExit(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
-    ckpt = model._read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
+    ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
     ours = ckpt.get("config") or {}
     gpt = model.load_gpt(ckpt, device=device)        # eval mode
     tok_path = cfg.tokenizer or ours.get("train", {}).get("tokenizer")

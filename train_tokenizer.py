@@ -274,6 +274,12 @@ def render_synthetic(index, split, size, seed=0):
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
 
+def to_uint8(x):
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8, rounded as the official code saves PNGs (127.5 x + 128,
+    clamped, truncated: +128, not +127.5). Every PNG and pixel metric of the project goes through this."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_tensor(img):
     """(H, W, 3) uint8 array or RGB PIL image -> (3, H, W) float in [-1, 1]"""
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
@@ -589,8 +595,8 @@ def load_frozen(what, load, required, rank, master):
 
 def psnr(x, y):
     """Per-image PSNR (dB) of images in [-1, 1], measured as evaluate.py does: on uint8 PNG values."""
-    q = lambda t: (127.5 * t + 128).clamp(0, 255).floor()
-    mse = (q(x) - q(y)).pow(2).flatten(1).mean(1)
+    q = lambda t: torch.from_numpy(to_uint8(t)).float()
+    mse = (q(x) - q(y)).pow(2).flatten(1).mean(1).to(x.device)
     return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
 
 
@@ -622,7 +628,7 @@ def save_grid(tok, x, path):
     rows = torch.cat([torch.cat(list(x), -1), torch.cat(list(rec), -1)], -2)      # (3, 2H, n*W)
     if x.shape[-1] < 128:                                                          # small images: enlarge 2x
         rows = rows.repeat_interleave(2, -1).repeat_interleave(2, -2)
-    Image.fromarray((127.5 * rows + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()).save(path)
+    Image.fromarray(to_uint8(rows[None])[0]).save(path)
 
 # -----------------------------------------------------------------------------------------------------------
 # Training
