@@ -274,10 +274,15 @@ def render_synthetic(index, split, size, seed=0):
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
 
+def pixel_values(x):
+    """Float images in [-1, 1] -> uint8 tensor of the same shape and device, rounded as the official code saves PNGs
+    (127.5 x + 128, clamped, truncated: +128, not +127.5). Every PNG and pixel metric of the project uses this."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(x):
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8, rounded as the official code saves PNGs (127.5 x + 128,
-    clamped, truncated: +128, not +127.5). Every PNG and pixel metric of the project goes through this."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy array, the PNG layout (see pixel_values)."""
+    return pixel_values(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def to_tensor(img):
@@ -595,8 +600,8 @@ def load_frozen(what, load, required, rank, master):
 
 def psnr(x, y):
     """Per-image PSNR (dB) of images in [-1, 1], measured as evaluate.py does: on uint8 PNG values."""
-    q = lambda t: torch.from_numpy(to_uint8(t)).float()
-    mse = (q(x) - q(y)).pow(2).flatten(1).mean(1).to(x.device)
+    q = lambda t: pixel_values(t).float()                 # on the images' device
+    mse = (q(x) - q(y)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
 
 
