@@ -43,6 +43,7 @@ class TokenizerConfig:
     num_latent_tokens: int = 256     # 1D only: number of latent tokens N (a power of two, <= 2 * grid**2)
     ch: int = 128                    # CNN base channels
     ch_mult: tuple = (1, 1, 2, 2, 4)  # CNN channel multipliers; downsample factor = 2 ** (len - 1) = 16
+    norm_groups: int = 32            # CNN GroupNorm groups (official 32; with 32 channels that is InstanceNorm)
     num_res_blocks: int = 2          # residual blocks per CNN encoder level (decoder: one more)
     z_channels: int = 256            # channels between the CNN and the transformers
     codebook_size: int = 16384       # K codes ...
@@ -54,6 +55,7 @@ class TokenizerConfig:
     teacher_dim: int = 768           # semantic regularization target width (DINOv2-B: 768); 0 = no MLP head
     distill_depth: int = 3           # decoder layer whose output is aligned to the teacher (Sec. 3.2, l = 3)
     dropout: float = 0.0
+    init: str = "official"           # "official" (trunc-normal 0.02) or "identity" (ours, for short runs; see identity_init)
 
     @property
     def grid(self):  # side of the CNN feature grid = of the decoder's 2D queries = of the teacher's patch grid
@@ -71,10 +73,10 @@ def _preset(enc, dec, kind="1d", **kw):
 
 # Every configuration of the paper (Tables 2 and 9), named as the user types it, with the official counts.
 TOKENIZER_PRESETS = {
-    # ours: a CPU toy with the same architecture and smaller numbers (64x64 images, 64 tokens, 8x8 grid)
-    "toy": TokenizerConfig(image_size=64, encoder_size="toy", decoder_size="toy", num_latent_tokens=64, ch=32,
-                           ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, codebook_size=1024,
-                           teacher_dim=384),                            # teacher: DINOv2-S/14
+    # ours: a CPU toy, the 2D variant with smaller numbers (64x64 images, 8x8 grid = 64 tokens); see README
+    "toy": TokenizerConfig(image_size=64, kind="2d", layer_type="vit", encoder_size="toy", decoder_size="toy",
+                           num_latent_tokens=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
+                           norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity"),  # DINOv2-S/14
     "s-s": _preset("small", "small"),                                   # 136.07M
     "s-b": _preset("small", "base"),                                    # 232.40M
     "s-l": _preset("small", "large"),                                   # 532.85M
@@ -89,15 +91,11 @@ TOKENIZER_PRESETS = {
 # CNN encoder and decoder (official Encoder / Decoder, no attention anywhere)
 
 
-def Normalize(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout, dropout=0.0):
+    def __init__(self, cin, cout, groups=32, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = Normalize(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -139,9 +137,9 @@ class Upsample(nn.Module):
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine, whose scale and shift are predicted from the channel statistics of the
     decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z))."""
-    def __init__(self, z_channels, c):
+    def __init__(self, z_channels, c, groups=32):
         super().__init__()
-        self.gn = nn.GroupNorm(32, c, eps=1e-6, affine=False)
+        self.gn = nn.GroupNorm(groups, c, eps=1e-6, affine=False)
         self.gamma, self.beta = nn.Linear(z_channels, c), nn.Linear(z_channels, c)
 
     def forward(self, h, z):
@@ -153,19 +151,19 @@ class AdaptiveGroupNorm(nn.Module):
 class CNNEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        ch, mult = cfg.ch, cfg.ch_mult
+        ch, mult, G = cfg.ch, cfg.ch_mult, cfg.norm_groups
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = ch
         for i, m in enumerate(mult):
             level = nn.Module()
-            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, cfg.dropout)
+            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, G, cfg.dropout)
                                       for j in range(cfg.num_res_blocks))
             cin = ch * m
             level.downsample = Downsample(cin) if i < len(mult) - 1 else nn.Identity()
             self.down.append(level)
-        self.mid = nn.Sequential(ResnetBlock(cin, cin, cfg.dropout), ResnetBlock(cin, cin, cfg.dropout))
-        self.norm_out = Normalize(cin)
+        self.mid = nn.Sequential(ResnetBlock(cin, cin, G, cfg.dropout), ResnetBlock(cin, cin, G, cfg.dropout))
+        self.norm_out = nn.GroupNorm(G, cin, eps=1e-6)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
 
     def forward(self, x):                # (B, 3, H, W) -> (B, z_channels, H/16, W/16)
@@ -180,20 +178,20 @@ class CNNEncoder(nn.Module):
 class CNNDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        ch, mult = cfg.ch, cfg.ch_mult
+        ch, mult, G = cfg.ch, cfg.ch_mult, cfg.norm_groups
         cin = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = nn.Sequential(ResnetBlock(cin, cin, cfg.dropout), ResnetBlock(cin, cin, cfg.dropout))
+        self.mid = nn.Sequential(ResnetBlock(cin, cin, G, cfg.dropout), ResnetBlock(cin, cin, G, cfg.dropout))
         self.up = nn.ModuleList()
         for i, m in enumerate(reversed(mult)):
             level = nn.Module()
-            level.adaptive = AdaptiveGroupNorm(cfg.z_channels, cin)
-            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, cfg.dropout)
+            level.adaptive = AdaptiveGroupNorm(cfg.z_channels, cin, G)
+            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, G, cfg.dropout)
                                       for j in range(cfg.num_res_blocks + 1))
             cin = ch * m
             level.upsample = Upsample(cin) if i < len(mult) - 1 else nn.Identity()
             self.up.append(level)
-        self.norm_out = Normalize(cin)
+        self.norm_out = nn.GroupNorm(G, cin, eps=1e-6)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z):                # (B, z_channels, h, w) -> (B, 3, 16h, 16w)
@@ -382,6 +380,32 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+def identity_init(tok):
+    """Ours, for short runs (cfg.init == "identity", the toy); the paper presets keep the official init. With
+    trunc-normal(0.02) a small tokenizer starts as noise and sits on the mean image for hundreds of steps. Here every
+    residual branch starts at zero, so the untrained network is a chain of plain linear maps that already carries
+    the image through: torch's default init for every Linear and Conv, then zero for the last layer of each residual
+    branch (ResnetBlock.conv2, attention out_proj, MLP output), a scale of 1 in the adaptive GroupNorm, and
+    upsampling convs whose four sub-pixels start equal (ICNR: nearest-neighbour upsampling)."""
+    for m in tok.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.reset_parameters()
+    for m in tok.modules():
+        ends = [m.conv2] if isinstance(m, ResnetBlock) else []
+        if isinstance(m, (ViTLayer, QFormerLayer)):
+            ends = [a.out_proj for a in m.children() if isinstance(a, nn.MultiheadAttention)] + [m.mlp[-1]]
+        for layer in ends:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        if isinstance(m, AdaptiveGroupNorm):
+            nn.init.ones_(m.gamma.bias)
+        if isinstance(m, Upsample):
+            with torch.no_grad():
+                w = m.conv.weight                                # (4C, C, 3, 3), sub-pixel major (depth_to_space)
+                w.copy_(w[: w.shape[0] // 4].repeat(4, 1, 1, 1))
+                m.conv.bias.copy_(m.conv.bias[: w.shape[0] // 4].repeat(4))
+
+
 class Tokenizer(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
@@ -389,6 +413,7 @@ class Tokenizer(nn.Module):
         assert cfg.encoder_size in TRANSFORMER_SIZES and cfg.decoder_size in TRANSFORMER_SIZES, \
             f"unknown transformer size in {cfg.encoder_size}/{cfg.decoder_size}; known: {list(TRANSFORMER_SIZES)}"
         assert cfg.kind in ("1d", "2d"), f"kind must be '1d' or '2d', got {cfg.kind!r}"
+        assert cfg.init in ("official", "identity"), f"init must be 'official' or 'identity', got {cfg.init!r}"
         assert cfg.image_size % 2 ** (len(cfg.ch_mult) - 1) == 0, "image_size must be divisible by the downsample factor"
         self.cfg = cfg
         self.cnn_encoder = CNNEncoder(cfg)
@@ -402,6 +427,8 @@ class Tokenizer(nn.Module):
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight,
                                          cfg.entropy_temperature, cfg.rotation_trick)
         self.post_quant_conv = nn.Linear(cfg.codebook_dim, cfg.z_channels)
+        if cfg.init == "identity":
+            identity_init(self)
 
     def encode(self, x):
         """images (B, 3, H, W) -> codes (B, N)"""
@@ -839,6 +866,8 @@ def load_tokenizer(path_or_state, device="cpu"):
         cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
     except KeyError as e:
         raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
+    if source == "official GigaTok":  # not in the shapes: the official code has 32 groups and its own init
+        cfg = dataclasses.replace(cfg, norm_groups=32, init="official")
     cfg = _overlay(cfg, config, "tokenizer")
     return _load_strict(Tokenizer(cfg), named, source).to(device)
 

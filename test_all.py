@@ -27,7 +27,9 @@ from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
 
 
 def toy_cfg(**kw):
-    return dataclasses.replace(TOKENIZER_PRESETS["toy"], **kw)
+    """The toy's numbers in the official form (1D Q-Former, 32 groups, official init) unless kw says otherwise."""
+    official = dict(kind="1d", layer_type="detr", norm_groups=32, init="official")
+    return dataclasses.replace(TOKENIZER_PRESETS["toy"], **{**official, **kw})
 
 
 def test_tokenizer_param_counts_match_official():
@@ -199,13 +201,35 @@ def test_multi_level_query_init_groups():
 
 def test_official_init_scheme():
     torch.manual_seed(0)
-    tok = Tokenizer(TOKENIZER_PRESETS["toy"])
+    tok = Tokenizer(toy_cfg())
     w = tok.cnn_encoder.conv_in.weight
     assert abs(w.std().item() - 0.02) < 0.005 and abs(w.mean().item()) < 0.005   # trunc_normal(std 0.02)
     assert tok.encoder.layers[0].norm1.weight.eq(1).all()
     # created after the init: keep torch's defaults (kaiming-uniform; the codebook: unit rows)
     assert tok.quant_conv.weight.std() > 0.05
     assert torch.allclose(tok.quantizer.embedding.weight.norm(dim=-1), torch.ones(tok.cfg.codebook_size))
+
+
+def test_identity_init_starts_every_residual_branch_at_zero():
+    # the toy's init (ours): each ResnetBlock and transformer layer passes its input through unchanged, the
+    # adaptive GroupNorm has scale ~1, and each Upsample starts as nearest-neighbour (2x2 blocks of equal pixels)
+    torch.manual_seed(0)
+    for kind, layer_type in [("2d", "vit"), ("1d", "detr")]:
+        tok = Tokenizer(toy_cfg(kind=kind, layer_type=layer_type, norm_groups=8, init="identity")).eval()
+        assert all(m.num_groups == 8 for m in tok.modules() if isinstance(m, torch.nn.GroupNorm))
+        with torch.no_grad():
+            h = torch.randn(2, 128, 8, 8)
+            for block in tok.cnn_decoder.mid:
+                assert torch.equal(block(h), block.nin_shortcut(h))
+            t = torch.randn(2, 64, 128)
+            layer = tok.encoder.layers[0]
+            out = layer(t) if layer_type == "vit" else layer(t, torch.randn(2, 64, 128), torch.randn(64, 128), 0)
+            assert torch.equal(out, t)
+            up = tok.cnn_decoder.up[0].upsample(h)
+            assert up.shape == (2, 128, 16, 16) and up.std() > 0
+            assert torch.equal(up, up[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3))
+            gamma = tok.cnn_decoder.up[0].adaptive.gamma(torch.zeros(1, 64))
+            assert torch.equal(gamma, torch.ones_like(gamma))
 
 
 def test_gpt_kv_cache_matches_full_forward():
