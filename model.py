@@ -91,11 +91,15 @@ TOKENIZER_PRESETS = {
 # CNN encoder and decoder (official Encoder / Decoder, no attention anywhere)
 
 
+def Normalize(groups, channels, affine=True):
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=affine)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, groups=32, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = Normalize(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(groups, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -139,7 +143,7 @@ class AdaptiveGroupNorm(nn.Module):
     decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z))."""
     def __init__(self, z_channels, c, groups=32):
         super().__init__()
-        self.gn = nn.GroupNorm(groups, c, eps=1e-6, affine=False)
+        self.gn = Normalize(groups, c, affine=False)
         self.gamma, self.beta = nn.Linear(z_channels, c), nn.Linear(z_channels, c)
 
     def forward(self, h, z):
@@ -163,7 +167,7 @@ class CNNEncoder(nn.Module):
             level.downsample = Downsample(cin) if i < len(mult) - 1 else nn.Identity()
             self.down.append(level)
         self.mid = nn.Sequential(ResnetBlock(cin, cin, G, cfg.dropout), ResnetBlock(cin, cin, G, cfg.dropout))
-        self.norm_out = nn.GroupNorm(G, cin, eps=1e-6)
+        self.norm_out = Normalize(G, cin)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
 
     def forward(self, x):                # (B, 3, H, W) -> (B, z_channels, H/16, W/16)
@@ -191,7 +195,7 @@ class CNNDecoder(nn.Module):
             cin = ch * m
             level.upsample = Upsample(cin) if i < len(mult) - 1 else nn.Identity()
             self.up.append(level)
-        self.norm_out = nn.GroupNorm(G, cin, eps=1e-6)
+        self.norm_out = Normalize(G, cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z):                # (B, z_channels, h, w) -> (B, 3, 16h, 16w)
@@ -401,9 +405,9 @@ def identity_init(tok):
             nn.init.ones_(m.gamma.bias)
         if isinstance(m, Upsample):
             with torch.no_grad():
-                w = m.conv.weight                                # (4C, C, 3, 3), sub-pixel major (depth_to_space)
-                w.copy_(w[: w.shape[0] // 4].repeat(4, 1, 1, 1))
-                m.conv.bias.copy_(m.conv.bias[: w.shape[0] // 4].repeat(4))
+                w, b, C = m.conv.weight, m.conv.bias, m.conv.out_channels // 4  # (4C, C, 3, 3), sub-pixel major
+                w.copy_(w[:C].repeat(4, 1, 1, 1))
+                b.copy_(b[:C].repeat(4))
 
 
 class Tokenizer(nn.Module):
