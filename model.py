@@ -572,7 +572,7 @@ class GPTConfig:
 
 
 GPT_PRESETS = {  # (official counts with vocab 16384, 1000 classes, 256 tokens)
-    "toy": GPTConfig(n_layer=4, n_head=4, dim=256),
+    "toy": GPTConfig(n_layer=4, n_head=4, dim=256, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),  # ours
     "gpt-b": GPTConfig(n_layer=12, n_head=12, dim=768),     # 111.1M
     "gpt-l": GPTConfig(n_layer=24, n_head=16, dim=1024),    # 343.2M
     "gpt-xl": GPTConfig(n_layer=36, n_head=20, dim=1280),   # 775.0M

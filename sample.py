@@ -9,6 +9,7 @@ Classifier-free guidance as the official generate.py (spec 5.3): the batch is do
 logits = uncond + s * (cond - uncond). The "step" schedule keeps s = 1 until a fraction step_start of the codes
 is written, except the first code, which always gets the full scale (the official prefill ignores the schedule).
 """
+import dataclasses
 import math
 import os
 import time
@@ -27,7 +28,7 @@ from train_tokenizer import barrier, cleanup_distributed, parse_config, setup_di
 class SampleConfig:
     ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint (ours from train_ar.py, or an official GigaTok gpt_1d one)
     tokenizer: str = ""               # tokenizer checkpoint; "" = the one the AR model was trained on
-    cfg_scale: float = 4.0            # guidance scale s (1 = no guidance; official README images: 4.0 constant)
+    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = toy AR 2.0 (ours, by eye), else 4.0 (official)
     cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
     step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
     temperature: float = 1.0          # 0 = greedy (argmax)
@@ -137,6 +138,8 @@ def main(cfg: SampleConfig):
     ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
     ours = ckpt.get("config") or {}
     gpt = model.load_gpt(ckpt, device=device)        # eval mode
+    if cfg.cfg_scale == -1:
+        cfg = dataclasses.replace(cfg, cfg_scale=2.0 if ours.get("train", {}).get("gpt") == "toy" else 4.0)
     tok_path = cfg.tokenizer or ours.get("train", {}).get("tokenizer")
     assert tok_path, f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
     tok = model.load_tokenizer(tok_path, device=device)
