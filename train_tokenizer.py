@@ -243,7 +243,7 @@ def render_synthetic(index, split, size, seed=0):
     elif name == "square":
         d = np.maximum(np.abs(u), np.abs(v)) - 0.8 * r
     elif name == "triangle":
-        d = np.max([np.cos(k) * u + np.sin(k) * v for k in np.pi / 2 + np.arange(3) * 2 * np.pi / 3], 0) - 0.5 * r
+        d = np.max([np.cos(k) * u + np.sin(k) * v for k in np.pi / 2 + np.arange(3) * 2 * np.pi / 3], 0) - 0.6 * r
     elif name == "ring":
         d = np.abs(rad - 0.75 * r) - 0.22 * r
     elif name == "cross":
@@ -503,7 +503,7 @@ class TrainConfig:
 # S-L has no official yaml: B-L's values. The 2D presets' lengths are not stated: those of their 1D twins.
 # The toy's numbers are ours: a small batch at a high lr for as many steps as ~8 CPU minutes allow.
 TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
-    "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=600,
+    "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=450,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250),
     "s-s":    dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=100),
     "s-b":    dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=200),
