@@ -137,10 +137,11 @@ def main(cfg: SampleConfig):
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
     ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
     ours = ckpt.get("config") or {}
+    trained = ours.get("train", {})                  # how train_ar.py made it (empty for an official checkpoint)
     gpt = model.load_gpt(ckpt, device=device)        # eval mode
     if cfg.cfg_scale == -1:
-        cfg = dataclasses.replace(cfg, cfg_scale=2.0 if ours.get("train", {}).get("gpt") == "toy" else 4.0)
-    tok_path = cfg.tokenizer or ours.get("train", {}).get("tokenizer")
+        cfg = dataclasses.replace(cfg, cfg_scale=2.0 if trained.get("gpt") == "toy" else 4.0)
+    tok_path = cfg.tokenizer or trained.get("tokenizer")
     assert tok_path, f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
     tok = model.load_tokenizer(tok_path, device=device)
     assert (tok.cfg.codebook_size, tok.cfg.num_tokens) == (gpt.cfg.vocab_size, gpt.cfg.block_size), \

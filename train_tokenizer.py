@@ -501,7 +501,7 @@ class TrainConfig:
 # Training defaults per preset (spec 1.8, 4.3): global batch, warmup, entropy weight, aux-loss end, disc start,
 # and length (epochs of ImageNet's 1.28M images, as the official scripts count them: steps = epochs*1.28M/batch).
 # S-L has no official yaml: B-L's values. The 2D presets' lengths are not stated: those of their 1D twins.
-# The toy's numbers are ours: a small batch at a high lr for as many steps as ~8 CPU minutes allow.
+# The toy's numbers are ours: a small batch at a high lr for as many steps as ~6 CPU minutes allow.
 TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
     "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=450,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250),
