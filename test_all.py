@@ -980,6 +980,18 @@ def test_synthetic_images_deterministic_any_size_and_held_out_differs():
     assert len(sub) == 12 and sorted({sub[i][1] for i in range(12)}) == [0, 1, 2]
 
 
+def test_synthetic_shape_classes_are_mirror_symmetric():
+    # training flips images left-right (train_tokenizer, and train_ar's ten crops), so a class must be its own
+    # mirror image: the horizontal skewness of its shapes averages to ~0. A triangle pointing sideways gave 0.5.
+    for c in range(7):  # the shapes; patterns are symmetric by their random orientation
+        skews = []
+        for k in range(40):
+            img = train_tokenizer.render_synthetic(c + 10 * k, "train", 64)[0].astype(float)
+            x = np.nonzero(np.abs(img - img[0, 0]).sum(-1) > 60)[1]     # columns of the pixels unlike the corner
+            skews.append(((x - x.mean()) ** 3).mean() / x.std() ** 3)
+        assert abs(np.mean(skews)) < 0.1, (train_tokenizer.SYNTHETIC_CLASSES[c], np.mean(skews))
+
+
 def test_image_folder_recursive_flat_subsets_and_unreadable_files():
     from PIL import Image
     import warnings

@@ -217,9 +217,9 @@ PALETTE = np.array([(0.9, 0.15, 0.15), (1.0, 0.6, 0.1), (0.95, 0.9, 0.2), (0.2, 
 
 def render_synthetic(index, split, size, seed=0):
     """One procedurally drawn image, (size, size, 3) uint8, and its label: a shape or a pattern in one palette
-    colour on another. Shapes are near the center and nearly upright, with random scale; patterns have random
-    orientation and frequency. A pure function of (seed, split, index); drawn at `size` directly (edges
-    anti-aliased to one pixel), so any resolution works."""
+    colour on another. Shapes and checkers are nearly upright, shapes near the center with random scale; patterns
+    have random frequency, stripes and dots random orientation. A pure function of (seed, split, index); drawn at
+    `size` directly (edges anti-aliased to one pixel), so any resolution works."""
     label = index % len(SYNTHETIC_CLASSES)
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])
     t = (np.arange(size) + 0.5) / size * 2 - 1                 # pixel centers in [-1, 1]
@@ -233,7 +233,8 @@ def render_synthetic(index, split, size, seed=0):
     pattern = name in ("stripes", "checker", "dots")
     cx, cy = (0.0, 0.0) if pattern else rng.uniform(-0.1, 0.1, 2)
     r = rng.uniform(0.5, 0.7)
-    th = rng.uniform(0, 2 * np.pi) if pattern else np.pi / 2 + rng.uniform(-0.25, 0.25)
+    free = name in ("stripes", "dots")                         # any orientation; shapes and checkers nearly upright
+    th = rng.uniform(0, 2 * np.pi) if free else np.pi / 2 + rng.uniform(-0.25, 0.25)
     u = np.cos(th) * (X - cx) + np.sin(th) * (Y - cy)          # rotated coordinates
     v = -np.sin(th) * (X - cx) + np.cos(th) * (Y - cy)
     rad = np.hypot(u, v)
@@ -242,8 +243,8 @@ def render_synthetic(index, split, size, seed=0):
         d = rad - r
     elif name == "square":
         d = np.maximum(np.abs(u), np.abs(v)) - 0.8 * r
-    elif name == "triangle":
-        d = np.max([np.cos(k) * u + np.sin(k) * v for k in np.pi / 2 + np.arange(3) * 2 * np.pi / 3], 0) - 0.6 * r
+    elif name == "triangle":  # apex up (+u), so that its mirror image, the flip augmentation, is the same shape
+        d = np.max([np.cos(k) * u + np.sin(k) * v for k in np.pi / 3 + np.arange(3) * 2 * np.pi / 3], 0) - 0.6 * r
     elif name == "ring":
         d = np.abs(rad - 0.75 * r) - 0.22 * r
     elif name == "cross":
