@@ -13,13 +13,12 @@ Protocol (spec section 6, and README "Evaluation"):
 - FID features come from the pytorch-fid port of the 2015 TensorFlow Inception graph (written here,
   loading pytorch-fid's weights file), not from the TensorFlow evaluator itself; values differ slightly.
 
-    python evaluate.py --tokenizer=out/tokenizer-toy/ckpt.pt        # reconstruction report, synthetic val set
-    python evaluate.py --samples=out/samples.npz --ref=VIRTUAL_imagenet256_labeled.npz   # generation report
-    python evaluate.py --gpt=out/ar-toy/ckpt.pt                     # AR linear probe (on the AR model's codes)
-    torchrun --nproc_per_node=8 evaluate.py --tokenizer=... --data=/data/imagenet/val   # sharded over processes
+    python evaluate.py --tokenizer out/tokenizer-toy/ckpt.pt        # reconstruction report, synthetic val set
+    python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # generation report
+    python evaluate.py --ckpt out/ar-toy/ckpt.pt                    # AR linear probe (on the AR model's codes)
+    torchrun --nproc_per_node=8 evaluate.py --tokenizer ... --data /data/imagenet/val   # sharded over processes
 """
 import dataclasses
-import json
 import math
 import os
 import zipfile
@@ -32,28 +31,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import model
+import runtime
+from data import image_grid, psnr, to_uint8   # the project's one PSNR (float64, as scikit-image) lives in data.py
+from runtime import all_reduce
 from train_ar import ARConfig, code_cache
-from train_tokenizer import all_reduce, cleanup_distributed, eval_dataset, parse_config, setup_distributed, to_uint8
 
 # -----------------------------------------------------------------------------------------------------------
-# Pixel metrics on saved (uint8) images
+# Pixel metrics on saved (uint8) images: PSNR (data.psnr) and SSIM
 
 
 def _pair(a, b):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and a.shape[-1] == 3 and a.ndim in (3, 4), (a.shape, b.shape)
     return a.astype(np.float64), b.astype(np.float64), a.ndim == 3
-
-
-def psnr(a, b, data_range=255.0):
-    """PSNR in dB of uint8 images (H, W, 3) -> float, or batches (B, H, W, 3) -> (B,) per image.
-    Equals skimage.metrics.peak_signal_noise_ratio(a, b) (data range 255 inferred from uint8)."""
-    a, b, single = _pair(a, b)
-    mse = ((a - b) ** 2).mean(axis=None if single else (1, 2, 3))
-    with np.errstate(divide="ignore"):
-        out = 10 * np.log10(data_range ** 2 / mse)
-    return float(out) if single else out
 
 
 def ssim(a, b, data_range=255.0, win=7, k1=0.01, k2=0.03):
@@ -336,13 +328,12 @@ class ImageSet:
     """Images to measure, read in row ranges so that 50k of them never sit in memory at once: a folder (searched
     recursively, sorted by path) or an .npz whose arr_0 is (n, H, W, 3) uint8 (sample.py's and ADM's format).
     `has_images` is False for an .npz that only holds statistics (mu, sigma)."""
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
     def __init__(self, path):
         self.path, self.files, self.n = path, None, 0
         if os.path.isdir(path):
             self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path)
-                                for f in fs if f.lower().endswith(self.exts))
+                                for f in fs if f.lower().endswith(data.IMAGE_EXTENSIONS))
             self.n = len(self.files)
         elif "arr_0.npy" in zipfile.ZipFile(path).namelist():
             with zipfile.ZipFile(path).open("arr_0.npy") as f:          # the .npy header, then raw rows
@@ -439,7 +430,7 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
             feats["orig"].append(inception_features(inception, orig8, len(orig8), device)[0])
             feats["recon"].append(inception_features(inception, recon8, len(recon8), device)[0])
         if grid is None:
-            grid = np.concatenate([np.concatenate(list(orig8[:8]), 1), np.concatenate(list(recon8[:8]), 1)], 0)
+            grid = image_grid([orig8[:8], recon8[:8]])                      # originals over reconstructions
     sums = all_reduce(sums.to(device)).cpu()                                # NCCL reduces CUDA tensors only
     used = all_reduce(used.to(device=device, dtype=torch.uint8), "max").bool().cpu()
     out = dict(images=n, psnr=float(sums[0]) / n, ssim=float(sums[1]) / n)
@@ -562,7 +553,7 @@ def pca_picture(tok, x, path):
     maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest")          # (B, 3, H, W) in [0, 1]
     top = to_uint8(x)
     bottom = (maps * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    Image.fromarray(np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bottom), 1)], 0)).save(path)
+    Image.fromarray(image_grid([top, bottom])).save(path)
     return path
 
 
@@ -579,7 +570,7 @@ class EvalConfig:
     num_images: int = 0         # reconstruct only the first n images of the split; 0 = all
     samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation report
     ref: str = ""               # gFID reference: .npz (ADM reference batch arr_0/mu/sigma, or our cache) or a folder
-    gpt: str = ""               # AR checkpoint: linear probe (tokenizer: --tokenizer, else the one it was trained on)
+    ckpt: str = ""              # AR checkpoint: linear probe (tokenizer: --tokenizer, else the one it was trained on)
     probe_epochs: int = 90      # official: 90 (10 of warmup)
     probe_lr: float = 0.1       # base lr, scaled by probe_batch / 256 (official blr 0.1)
     probe_batch: int = 128      # official: 128 per GPU
@@ -590,6 +581,8 @@ class EvalConfig:
     lpips_lin_path: str = ""    # LPIPS v0.1 linear heads (vgg.pth); "" = torch.hub's cache
     batch_size: int = 32        # images per forward pass, per process
     out_dir: str = ""           # eval.json and PNGs; "" = beside the first checkpoint / samples given
+    device: str = ""            # "" = cuda, else mps, else cpu
+    threads: int = 0            # torch CPU threads (0 = torch's default)
     seed: int = 0
 
 
@@ -601,35 +594,52 @@ def print_table(results):
 
 
 def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
-    """Codes (n, N) and labels (n,) of a split for the probe: the codes the AR model was trained / validated on,
-    from train_ar.py's code cache (encoded now if absent), the center view of the ten training crops. An AR
-    checkpoint without our training config (an official one) gets every image of --data."""
+    """Codes (n, N), labels (n,) and the data they came from, of a split for the probe: the codes the AR model was
+    trained / validated on, from train_ar.py's code cache (encoded now if absent), the center view of the ten
+    training crops. An AR checkpoint without our training config (an official one) gets every image of --data."""
     fields = {f.name for f in dataclasses.fields(ARConfig)}
     ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0),
                                  **{**{k: v for k, v in ar_train.items() if k in fields}, "tokenizer": tok_path})
     views = 10 if split == "train" else 1
     codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
     center = 4 if views == 10 else 0                                                 # ten crops: 4 corners, center
-    return np.asarray(codes[:, center]).astype(np.int64), np.asarray(labels)
+    return np.asarray(codes[:, center]).astype(np.int64), np.asarray(labels), ar_cfg.data
+
+
+def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
+    """The AR linear probe (spec 5.4) -> its report section (on rank 0; None elsewhere)."""
+    feats = {}
+    for split in ("train", "val"):  # center views for both (the official probe trains on random crops + flips)
+        codes, labels, used = probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world)
+        lo, hi = shard(len(codes), rank, world)
+        f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
+        feats[split] = (torch.from_numpy(gather_rows(f, world)), torch.from_numpy(labels))
+    if rank != 0:
+        return None
+    acc = train_linear_probe(*feats["train"], *feats["val"], gpt.cfg.num_classes, cfg.probe_epochs,
+                             cfg.probe_lr, cfg.probe_batch, cfg.seed)
+    return dict(data=used, layer=gpt.cfg.n_layer // 2, train_images=len(feats["train"][0]),
+                val_images=len(feats["val"][0]), top1=acc, chance=100.0 / gpt.cfg.num_classes)
 
 
 def main(cfg: EvalConfig):
-    rank, world, device = setup_distributed()
+    rank, world, device = runtime.setup(cfg)
     master = rank == 0
-    assert cfg.tokenizer or cfg.samples or cfg.gpt, "nothing to evaluate: pass --tokenizer, --samples and/or --gpt"
-    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.gpt or cfg.samples)) or "."
+    if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
+        raise SystemExit("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
+    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    results, notes = {}, []
-    try:
-        inception = load_inception(cfg.inception_path or None, device)
-    except RuntimeError as e:
-        inception = None
-        notes.append(f"{e}. FID, IS, precision and recall are skipped; the other metrics are computed.")
+    results, notes, inception = {}, [], None
+    if cfg.tokenizer or cfg.samples:  # FID, IS, precision and recall need Inception; the probe does not
+        try:
+            inception = load_inception(cfg.inception_path or None, device)
+        except RuntimeError as e:
+            notes.append(f"{e}. FID, IS, precision and recall are skipped; the other metrics are computed.")
 
     gpt_config = {}
-    if cfg.gpt:
-        ckpt = model.read_checkpoint(cfg.gpt)
+    if cfg.ckpt:
+        ckpt = model.read_checkpoint(cfg.ckpt)
         gpt_config = ckpt.get("config") or {}
         gpt = model.load_gpt(ckpt, device=device)
     tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")
@@ -642,11 +652,12 @@ def main(cfg: EvalConfig):
                 lpips = model.load_lpips(model.LPIPS(), cfg.vgg_path or None, cfg.lpips_lin_path or None)
                 lpips = lpips.to(device).eval()
             except RuntimeError as e:
-                notes.append(f"LPIPS skipped: {e}")
-        data = eval_dataset(cfg.data, cfg.split, tok.cfg.image_size)          # center crop, [-1, 1]
-        rec = reconstruction_report(tok, data, cfg, device, rank, world, inception, lpips, out_dir)
+                notes.append(f"LPIPS skipped: {e}; pass --vgg-path and --lpips-lin-path (local files)")
+        images = data.make_dataset(cfg.data, cfg.split, tok.cfg.image_size)          # center crop, [-1, 1]
+        rec = dict(data=cfg.data, **reconstruction_report(tok, images, cfg, device, rank, world, inception, lpips,
+                                                           out_dir))
         if cfg.pca and master:
-            x, y = first_of_one_class(data, 6)
+            x, y = first_of_one_class(images, 6)
             rec["pca"] = pca_picture(tok, x.to(device), os.path.join(out_dir, f"pca-class{y}.png"))
         results["reconstruction"] = rec
 
@@ -657,32 +668,23 @@ def main(cfg: EvalConfig):
             results["generation"] = generation_report(cfg.samples, cfg.ref, cfg, device, rank, world, inception,
                                                       out_dir)
 
-    if cfg.gpt:
-        assert tok is not None, f"{cfg.gpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
-        feats = {}
-        for split in ("train", "val"):  # center views for both (the official probe trains on random crops + flips)
-            codes, labels = probe_codes(tok, tok_path, cfg, gpt_config.get("train", {}), split, device, rank, world)
-            lo, hi = shard(len(codes), rank, world)
-            f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
-            feats[split] = (torch.from_numpy(gather_rows(f, world)), torch.from_numpy(labels))
+    if cfg.ckpt:
+        if tok is None:
+            raise SystemExit(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
+        probe = linear_probe(gpt, tok, tok_path, cfg, gpt_config.get("train", {}), device, rank, world)
         if master:
-            acc = train_linear_probe(*feats["train"], *feats["val"], gpt.cfg.num_classes, cfg.probe_epochs,
-                                     cfg.probe_lr, cfg.probe_batch, cfg.seed)
-            results["linear_probe"] = dict(layer=gpt.cfg.n_layer // 2, train_images=len(feats["train"][0]),
-                                           val_images=len(feats["val"][0]), top1=acc,
-                                           chance=100.0 / gpt.cfg.num_classes)
+            results["linear_probe"] = probe
 
     if master:
         for note in notes:
             print("note:", note)
         print_table(results)
         path = os.path.join(out_dir, "eval.json")
-        with open(path, "w") as f:
-            json.dump(dict(results=results, notes=notes, config=asdict(cfg)), f, indent=1)
+        runtime.write_json(path, dict(results=results, notes=notes, config=asdict(cfg)))
         print(f"wrote {path}")
-    cleanup_distributed()
+    runtime.cleanup_distributed()
     return results
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig()))
+    main(runtime.parse_config(EvalConfig()))

@@ -1,15 +1,22 @@
 """
-GigaTok in one file: the tokenizer (CNN encoder -> Q-Former -> VQ -> Q-Former -> CNN decoder), the LPIPS
-network and PatchGAN discriminator used to train it, and the LlamaGen-style AR model trained on its tokens.
+GigaTok in one file: the tokenizer (CNN encoder -> Q-Former -> VQ -> Q-Former -> CNN decoder) and the
+LlamaGen-style AR model trained on its tokens; then our additions: the toy's initialization, the LPIPS network
+and PatchGAN discriminator of the training loss, and the loaders of our and the official checkpoints.
 
 Paper: "GigaTok: Scaling Visual Tokenizers to 3 Billion Parameters for Autoregressive Image Generation"
 (arXiv 2504.08736). The math follows the official code, so that its released checkpoints load into these
 modules (see load_tokenizer / load_gpt at the end). Where the paper and the code differ, we follow the code.
 
 Layout conventions: images are (B, 3, H, W) in [-1, 1]; CNN feature maps are (B, C, h, w); transformer
-sequences are batch-first (B, L, C); latent tokens are (B, N, C).
+sequences are batch-first (B, L, C); latent tokens are (B, N, C). For the paper's S-S at 256x256: the CNN
+grid is g x g = 16 x 16 with z = 256 channels, the transformer width w = 512, N = 256 latent tokens of d = 8.
 """
+import argparse
+import contextlib
+import dataclasses
+import io
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +26,17 @@ import torch.nn.functional as F
 from quantizer import VectorQuantizer
 
 # -----------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration (the paper's, Tables 1, 2 and 9; the toy preset at the end is ours)
 
-# width, depth, heads of the Q-Former / ViT sizes (paper Table 1; official ViTEncoder). 'toy' is ours.
+# width, depth, heads of the Q-Former / ViT sizes (paper Table 1; official ViTEncoder)
 TRANSFORMER_SIZES = {
-    "toy": (128, 3, 4),
     "tiny": (256, 4, 4),
     "small": (512, 6, 8),       # S
     "base": (768, 12, 12),      # B
     "large": (1024, 24, 16),    # L
     "xl": (1280, 36, 20),       # XL
     "xxl": (1536, 48, 24),      # XXL
+    "toy": (128, 3, 4),         # ours: the laptop toy
 }
 
 
@@ -48,9 +55,7 @@ class TokenizerConfig:
     z_channels: int = 256            # channels between the CNN and the transformers
     codebook_size: int = 16384       # K codes ...
     codebook_dim: int = 8            # ... of dimension d, l2-normalized
-    beta: float = 0.25               # commitment loss weight
-    entropy_weight: float = 0.0      # entropy loss weight (0.005 for XL-XXL, Sec. 3.3)
-    entropy_temperature: float = 0.01
+    entropy_temperature: float = 0.01  # the entropy loss's softmax over -distance / temperature (Sec. 3.3)
     rotation_trick: bool = True      # rotation trick gradients (on in all released tokenizers)
     teacher_dim: int = 768           # semantic regularization target width (DINOv2-B: 768); 0 = no MLP head
     distill_depth: int = 3           # decoder layer whose output is aligned to the teacher (Sec. 3.2, l = 3)
@@ -72,23 +77,25 @@ def _preset(enc, dec, kind="1d", **kw):
 
 
 # Every configuration of the paper (Tables 2 and 9), named as the user types it, with the official counts.
+# The loss weights (commitment, entropy, ...) are training fields: train_tokenizer.TRAIN_PRESETS.
 TOKENIZER_PRESETS = {
-    # ours: a CPU toy, the 2D variant with smaller numbers (64x64 images, 8x8 grid = 64 tokens); see README
-    "toy": TokenizerConfig(image_size=64, kind="2d", layer_type="vit", encoder_size="toy", decoder_size="toy",
-                           num_latent_tokens=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
-                           norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity"),  # DINOv2-S/14
     "s-s": _preset("small", "small"),                                   # 136.07M
     "s-b": _preset("small", "base"),                                    # 232.40M
     "s-l": _preset("small", "large"),                                   # 532.85M
     "b-l": _preset("base", "large"),                                    # 621.64M
-    "xl-xxl": _preset("xl", "xxl", entropy_weight=0.005),               # 2893.97M (paper: 2.9B)
+    "xl-xxl": _preset("xl", "xxl"),                                     # 2893.97M (paper: 2.9B)
     "s-s-2d": _preset("small", "small", kind="2d"),                     # 135.55M
     "s-b-2d": _preset("small", "base", kind="2d"),                      # 197.13M
-    "b-l-2d": _preset("base", "large", kind="2d", entropy_weight=0.005),  # 491.41M
+    "b-l-2d": _preset("base", "large", kind="2d"),                      # 491.41M
+    # ours: a CPU toy, the 2D variant with smaller numbers (64x64 images, 8x8 grid = 64 tokens); see README
+    "toy": TokenizerConfig(image_size=64, kind="2d", layer_type="vit", encoder_size="toy", decoder_size="toy",
+                           num_latent_tokens=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
+                           norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity"),  # DINOv2-S/14
 }
 
 # -----------------------------------------------------------------------------------------------------------
-# CNN encoder and decoder (official Encoder / Decoder, no attention anywhere)
+# CNN encoder and decoder (paper Sec. 3.1, Fig. 10; official Encoder / Decoder, no attention anywhere).
+# The CNNs do the pixel work at full resolution; the transformers between them only ever see the g x g grid.
 
 
 def Normalize(groups, channels, affine=True):
@@ -96,12 +103,13 @@ def Normalize(groups, channels, affine=True):
 
 
 class ResnetBlock(nn.Module):
+    """(B, cin, h, w) -> (B, cout, h, w): two GroupNorm-SiLU-conv3x3 stages on a residual branch."""
     def __init__(self, cin, cout, groups=32, dropout=0.0):
         super().__init__()
         self.norm1, self.conv1 = Normalize(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2, self.conv2 = Normalize(groups, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()  # 1x1 when widths differ
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -110,13 +118,14 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv after zero-padding right and bottom only (asymmetric, as the official code)."""
+    """(B, C, h, w) -> (B, C, h/2, w/2): a stride-2 3x3 conv after zero-padding right and bottom only
+    (asymmetric, as the official code)."""
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))   # (left, right, top, bottom) padding
 
 
 def depth_to_space(x, block=2):
@@ -129,7 +138,7 @@ def depth_to_space(x, block=2):
 
 
 class Upsample(nn.Module):
-    """3x3 conv to 4C channels, then depth-to-space: a learned 2x upsampling."""
+    """(B, C, h, w) -> (B, C, 2h, 2w): a 3x3 conv to 4C channels, then depth-to-space (a learned upsampling)."""
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, 4 * c, 3, padding=1)
@@ -140,19 +149,21 @@ class Upsample(nn.Module):
 
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine, whose scale and shift are predicted from the channel statistics of the
-    decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z))."""
+    decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z)). h (B, C, h, w), z (B, Cz, g, g)."""
     def __init__(self, z_channels, c, groups=32):
         super().__init__()
         self.gn = Normalize(groups, c, affine=False)
         self.gamma, self.beta = nn.Linear(z_channels, c), nn.Linear(z_channels, c)
 
     def forward(self, h, z):
-        z = z.flatten(2)                                       # (B, Cz, h*w)
-        std = (z.var(dim=-1) + 1e-6).sqrt()                    # unbiased variance, as torch's default in the official code
+        z = z.flatten(2)                                       # (B, Cz, g*g)
+        std = (z.var(dim=-1) + 1e-6).sqrt()                    # (B, Cz); unbiased, torch's default as in the official code
         return self.gamma(std)[..., None, None] * self.gn(h) + self.beta(z.mean(-1))[..., None, None]
 
 
 class CNNEncoder(nn.Module):
+    """(B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2 ** (len(ch_mult) - 1): one level per multiplier, each of
+    num_res_blocks ResnetBlocks and (but the last) a Downsample, then two more blocks and a conv to z_channels."""
     def __init__(self, cfg):
         super().__init__()
         ch, mult, G = cfg.ch, cfg.ch_mult, cfg.norm_groups
@@ -170,16 +181,18 @@ class CNNEncoder(nn.Module):
         self.norm_out = Normalize(G, cin)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
 
-    def forward(self, x):                # (B, 3, H, W) -> (B, z_channels, H/16, W/16)
-        h = self.conv_in(x)
+    def forward(self, x):
+        h = self.conv_in(x)                                   # (B, ch, H, W)
         for level in self.down:
             for block in level.res:
                 h = block(h)
-            h = level.downsample(h)
+            h = level.downsample(h)                           # halves h and w, but at the last level
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class CNNDecoder(nn.Module):
+    """(B, z_channels, g, g) -> (B, 3, f*g, f*g), the encoder mirrored: each level starts with an adaptive
+    GroupNorm conditioned on the decoder's input, has num_res_blocks + 1 blocks and (but the last) an Upsample."""
     def __init__(self, cfg):
         super().__init__()
         ch, mult, G = cfg.ch, cfg.ch_mult, cfg.norm_groups
@@ -198,14 +211,14 @@ class CNNDecoder(nn.Module):
         self.norm_out = Normalize(G, cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
-    def forward(self, z):                # (B, z_channels, h, w) -> (B, 3, 16h, 16w)
-        h = self.mid(self.conv_in(z))
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))                         # (B, ch * ch_mult[-1], g, g)
         for level in self.up:
-            h = level.adaptive(h, z)
+            h = level.adaptive(h, z)                          # scale and shift from z's channel statistics
             for block in level.res:
                 h = block(h)
-            h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level.upsample(h)                             # doubles h and w, but at the last level
+        return self.conv_out(F.silu(self.norm_out(h)))        # (B, 3, H, W)
 
 # -----------------------------------------------------------------------------------------------------------
 # Transformer layers (torch's nn.MultiheadAttention, as the official code, so the weights map one to one)
@@ -221,16 +234,16 @@ class QFormerLayer(nn.Module):
         self.norm3 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
 
-    def forward(self, q, memory, q_pos, mem_pos):   # q (B, Lq, C), memory (B, Lm, C)
+    def forward(self, q, memory, q_pos, mem_pos):   # q (B, Lq, C), memory (B, Lm, C), q_pos (Lq, C), mem_pos (Lm, C)
         t = self.norm1(q)
-        q = q + self.self_attn(t + q_pos, t + q_pos, t, need_weights=False)[0]
+        q = q + self.self_attn(t + q_pos, t + q_pos, t, need_weights=False)[0]            # (query, key, value)
         t = self.norm2(q)
-        q = q + self.cross_attn(t + q_pos, memory + mem_pos, memory, need_weights=False)[0]
-        return q + self.mlp(self.norm3(q))
+        q = q + self.cross_attn(t + q_pos, memory + mem_pos, memory, need_weights=False)[0]  # the memory is not normed
+        return q + self.mlp(self.norm3(q))                                                # (B, Lq, C)
 
 
 class ViTLayer(nn.Module):
-    """The standard pre-norm transformer layer (used by the 2D S-B and B-L tokenizers)."""
+    """The standard pre-norm transformer layer (used by the 2D S-B and B-L tokenizers). (B, L, C) -> (B, L, C)"""
     def __init__(self, width, heads, dropout=0.0):
         super().__init__()
         self.norm1, self.self_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
@@ -241,6 +254,10 @@ class ViTLayer(nn.Module):
         t = self.norm1(x)
         x = x + self.self_attn(t, t, t, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
+
+# -----------------------------------------------------------------------------------------------------------
+# The 1D tokenizer's Q-Formers (paper Sec. 3.1, Fig. 11): the encoder reads the g x g CNN grid into N latent
+# tokens; the decoder reads the N (quantized) tokens back into g x g queries for the CNN decoder.
 
 
 def multi_level_pool(x, n):
@@ -256,13 +273,13 @@ def multi_level_pool(x, n):
         hb, wb = 2 ** (level // 2), 2 ** ((level + 1) // 2)          # blocks along height and width
         assert x.shape[2] % hb == 0 and x.shape[3] % wb == 0, \
             f"{n} latent tokens need a grid divisible into {hb}x{wb} blocks, got {tuple(x.shape[2:])}"
-        kh, kw = x.shape[2] // hb, x.shape[3] // wb
-        groups.append(F.avg_pool2d(x, (kh, kw)).flatten(2).transpose(1, 2))
+        kh, kw = x.shape[2] // hb, x.shape[3] // wb                  # each block is kh x kw cells
+        groups.append(F.avg_pool2d(x, (kh, kw)).flatten(2).transpose(1, 2))   # (B, hb*wb, C)
     return torch.cat(groups, dim=1)
 
 
 def semantic_mlp(width, out_dim):
-    """The semantic-regularization head: 3-layer SiLU MLP from decoder width to the teacher's width."""
+    """The semantic-regularization head (Sec. 3.2): 3-layer SiLU MLP from decoder width to the teacher's width."""
     return nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, 4 * width), nn.SiLU(),
                          nn.Linear(4 * width, out_dim))
 
@@ -284,8 +301,9 @@ class QFormerEncoder(nn.Module):
 
     def forward(self, s):
         B, C, g, _ = s.shape
-        x = self.embed(self.ln_pre(s.flatten(2).transpose(1, 2)))                      # (B, g*g, w)
-        q = self.query_proj(multi_level_pool(x.transpose(1, 2).reshape(B, -1, g, g), self.num_latent_tokens))
+        x = self.embed(self.ln_pre(s.flatten(2).transpose(1, 2)))                      # (B, g*g, w) the memory
+        grid = x.transpose(1, 2).reshape(B, -1, g, g)                                    # (B, w, g, g)
+        q = self.query_proj(multi_level_pool(grid, self.num_latent_tokens))             # (B, N, w) coarse to fine
         for layer in self.layers:
             q = layer(q, x, self.pos_query, self.pos_image)
         return self.proj_out(self.ln_post(q))                                            # (B, N, z)
@@ -294,7 +312,9 @@ class QFormerEncoder(nn.Module):
 class QFormerDecoder(nn.Module):
     """N latent tokens (B, N, z) -> CNN-decoder input (B, z, g, g). The g*g 2D queries all start as latent token 0
     (the official code takes token 0, the slot seeded from the global mean); spatial identity comes from their
-    learned positional embedding alone. After layer `distill_depth` the queries go through the semantic head."""
+    learned positional embedding alone. The latent tokens are the fixed memory; only the queries evolve.
+    With features=True it also returns the queries after layer `distill_depth` (B, g*g, w) and their semantic
+    projection (B, g*g, teacher_dim), which the semantic regularization aligns with the teacher (Sec. 3.2)."""
     def __init__(self, cfg):
         super().__init__()
         w, depth, heads = TRANSFORMER_SIZES[cfg.decoder_size]
@@ -309,22 +329,30 @@ class QFormerDecoder(nn.Module):
 
     def forward(self, tokens, features=False):
         B, N, _ = tokens.shape
-        x = self.embed(self.ln_pre(tokens))                                              # (B, N, w)
+        x = self.embed(self.ln_pre(tokens))                                              # (B, N, w) the memory
         q = x[:, :1].expand(B, self.grid ** 2, -1)                                       # (B, g*g, w)
         feat = None
         for i, layer in enumerate(self.layers):
             q = layer(q, x, self.pos_query, self.pos_latent)
             if features and i + 1 == self.distill_depth:
                 feat = q
-        out = self.ln_post(q).transpose(1, 2).reshape(B, -1, self.grid, self.grid)
-        return self.conv_out(out), feat
+        out = self.ln_post(q).transpose(1, 2).reshape(B, -1, self.grid, self.grid)      # (B, w, g, g)
+        return self.conv_out(out), feat, semantic_projection(self.semantic_head, feat)
 
 
-class ViTEncoder2D(nn.Module):
-    """The 2D variant's transformer: the g*g embedded CNN tokens themselves are refined and quantized.
-    With layer_type "detr" each layer is the DETR layer with the current tokens as both queries and memory;
-    with "vit" the positional embedding is added once and the layers are plain pre-norm blocks."""
-    def __init__(self, cfg, size, out_conv3x3=False):
+def semantic_projection(head, feat):
+    return head(feat) if head is not None and feat is not None else None
+
+# -----------------------------------------------------------------------------------------------------------
+# The 2D variant (paper Sec. 4.4, Fig. 9; official ViTEncoder2D / ViTDecoder2D): no latent queries, the g*g
+# embedded CNN tokens themselves are refined by a transformer and quantized one per grid cell.
+
+
+class GridTransformer(nn.Module):
+    """The transformer both 2D classes share: (B, g*g, z) -> (B, g*g, w) and, with features=True, the tokens after
+    layer `distill_depth`. With layer_type "detr" each layer is the DETR layer with the current tokens as both
+    queries and memory; with "vit" the positional embedding is added once and the layers are plain pre-norm."""
+    def __init__(self, cfg, size):
         super().__init__()
         w, depth, heads = TRANSFORMER_SIZES[size]
         self.ln_pre, self.embed = nn.LayerNorm(cfg.z_channels), nn.Linear(cfg.z_channels, w)
@@ -335,8 +363,8 @@ class ViTEncoder2D(nn.Module):
         self.ln_post = nn.LayerNorm(w)
         self.grid, self.distill_depth = cfg.grid, cfg.distill_depth
 
-    def run(self, tokens, features=False):  # (B, L, z) -> (B, L, w), feature after layer distill_depth
-        x = self.embed(self.ln_pre(tokens))
+    def forward(self, tokens, features=False):
+        x = self.embed(self.ln_pre(tokens))                                              # (B, g*g, w)
         if self.layer_type == "vit":
             x = x + self.pos
         feat = None
@@ -347,29 +375,32 @@ class ViTEncoder2D(nn.Module):
         return self.ln_post(x), feat
 
 
-class ViTEncoder(ViTEncoder2D):
+class ViTEncoder2D(GridTransformer):
+    """CNN features (B, z, g, g) -> g*g latent tokens (B, g*g, z)."""
     def __init__(self, cfg):
         super().__init__(cfg, cfg.encoder_size)
         self.proj_out = nn.Linear(self.pos.shape[1], cfg.z_channels)
 
-    def forward(self, s):                   # (B, z, g, g) -> (B, g*g, z)
-        return self.proj_out(self.run(s.flatten(2).transpose(1, 2))[0])
+    def forward(self, s):
+        x, _ = super().forward(s.flatten(2).transpose(1, 2))                            # (B, g*g, w)
+        return self.proj_out(x)
 
 
-class ViTDecoder(ViTEncoder2D):
+class ViTDecoder2D(GridTransformer):
+    """g*g (quantized) tokens (B, g*g, z) -> CNN-decoder input (B, z, g, g); features as QFormerDecoder's."""
     def __init__(self, cfg):
         super().__init__(cfg, cfg.decoder_size)
         w = self.pos.shape[1]
         self.semantic_head = semantic_mlp(w, cfg.teacher_dim) if cfg.teacher_dim else None
         self.conv_out = nn.Conv2d(w, cfg.z_channels, 3, padding=1)
 
-    def forward(self, tokens, features=False):  # (B, g*g, z) -> (B, z, g, g)
-        x, feat = self.run(tokens, features)
-        B = x.shape[0]
-        return self.conv_out(x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)), feat
+    def forward(self, tokens, features=False):
+        x, feat = super().forward(tokens, features)
+        out = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)           # (B, w, g, g)
+        return self.conv_out(out), feat, semantic_projection(self.semantic_head, feat)
 
 # -----------------------------------------------------------------------------------------------------------
-# The tokenizer
+# The tokenizer (paper Fig. 10): CNN encoder -> transformer encoder -> VQ -> transformer decoder -> CNN decoder
 
 
 def init_weights(module):
@@ -382,6 +413,228 @@ def init_weights(module):
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+class Tokenizer(nn.Module):
+    """images (B, 3, H, W) in [-1, 1] <-> codes (B, N). N = num_latent_tokens (1D) or g*g (2D)."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        assert cfg.encoder_size in TRANSFORMER_SIZES and cfg.decoder_size in TRANSFORMER_SIZES, \
+            f"unknown transformer size in {cfg.encoder_size}/{cfg.decoder_size}; known: {list(TRANSFORMER_SIZES)}"
+        assert cfg.kind in ("1d", "2d"), f"kind must be '1d' or '2d', got {cfg.kind!r}"
+        assert cfg.init in ("official", "identity"), f"init must be 'official' or 'identity', got {cfg.init!r}"
+        assert cfg.image_size % 2 ** (len(cfg.ch_mult) - 1) == 0, "image_size must be divisible by the downsample factor"
+        self.cfg = cfg
+        self.cnn_encoder = CNNEncoder(cfg)
+        self.encoder = QFormerEncoder(cfg) if cfg.kind == "1d" else ViTEncoder2D(cfg)
+        self.decoder = QFormerDecoder(cfg) if cfg.kind == "1d" else ViTDecoder2D(cfg)
+        self.cnn_decoder = CNNDecoder(cfg)
+        self.apply(init_weights)
+        # created after the init, as in the official code: these keep torch's default (kaiming-uniform) init,
+        # and the codebook keeps its own. The 1x1 convs of the official code are Linears on tokens here.
+        self.quant_conv = nn.Linear(cfg.z_channels, cfg.codebook_dim)                   # z -> d = 8
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.entropy_temperature,
+                                         cfg.rotation_trick)
+        self.post_quant_conv = nn.Linear(cfg.codebook_dim, cfg.z_channels)              # d = 8 -> z
+        if cfg.init == "identity":
+            identity_init(self)                                                         # ours (the toy), below
+
+    def encode(self, x):
+        """images (B, 3, H, W) -> codes (B, N)"""
+        return self.quantizer(self.quant_conv(self.encoder(self.cnn_encoder(x))))[1]
+
+    def decode(self, codes):
+        """codes (B, N) -> images (B, 3, H, W)"""
+        spatial = self.decoder(self.post_quant_conv(self.quantizer.lookup(codes)))[0]  # (B, z, g, g)
+        return self.cnn_decoder(spatial)
+
+    def forward(self, x, shortcut=False, entropy=False):
+        """Training forward: the reconstruction (B, 3, H, W) and a dict of the raw pieces of the loss, which the
+        training loop weighs and sums (train_tokenizer.py). entropy=True computes the entropy term (Sec. 3.3).
+        shortcut=True adds the official early auxiliary terms (spec 1.10): the CNN-only reconstruction
+        CNN-dec(CNN-enc(x)) and the MSE between the CNN encoder output and the transformer decoder output."""
+        s = self.cnn_encoder(x)                                                          # (B, z, g, g)
+        z_q, codes, losses = self.quantizer(self.quant_conv(self.encoder(s)), entropy)  # (B, N, d), (B, N)
+        spatial, feat, sem = self.decoder(self.post_quant_conv(z_q), features=True)     # (B, z, g, g)
+        recon = self.cnn_decoder(spatial)
+        zero = x.new_zeros(())
+        aux = dict(codes=codes,
+                   codebook=losses.get("codebook", zero), commitment=losses.get("commitment", zero),
+                   entropy=losses.get("entropy", zero),
+                   dec_feat=feat,                                  # (B, g*g, w) decoder layer-l features
+                   sem_feat=sem,                                   # (B, g*g, teacher_dim), or None without a head
+                   feat_rec=F.mse_loss(spatial, s.detach()) if shortcut else None,
+                   shortcut=self.cnn_decoder(s) if shortcut else None)
+        return recon, aux
+
+# -----------------------------------------------------------------------------------------------------------
+# The AR model (paper Sec. 4.1; spec 5): LlamaGen's class-conditional GPT with GigaTok's learned absolute 1D
+# positions (official gpt_1d). It reads [class token, code 1, ..., code N-1] and predicts codes 1..N.
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 16384     # = the tokenizer's codebook size
+    block_size: int = 256       # = the tokenizer's number of tokens
+    n_layer: int = 12
+    n_head: int = 12
+    dim: int = 768
+    num_classes: int = 1000     # class `num_classes` is the null class for classifier-free guidance
+    class_dropout: float = 0.1  # p of replacing the label by the null class in training
+    token_dropout: float = 0.1  # dropout on the input embeddings (condition included)
+    resid_dropout: float = 0.1  # after attention's output projection
+    ffn_dropout: float = 0.1    # after the SwiGLU feed-forward
+    norm_eps: float = 1e-5
+
+
+GPT_PRESETS = {  # (official counts with vocab 16384, 1000 classes, 256 tokens)
+    "gpt-b": GPTConfig(n_layer=12, n_head=12, dim=768),     # 111.1M
+    "gpt-l": GPTConfig(n_layer=24, n_head=16, dim=1024),    # 343.2M
+    "gpt-xl": GPTConfig(n_layer=36, n_head=20, dim=1280),   # 775.0M
+    "gpt-xxl": GPTConfig(n_layer=48, n_head=24, dim=1536),  # 1411.4M
+    # ours: a CPU toy, without token, residual or feed-forward dropout (it overfits less than it underfits)
+    "toy": GPTConfig(n_layer=4, n_head=4, dim=256, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),
+}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, (..., dim) -> (..., dim)"""
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # computed in float32
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention (B, T, C) -> (B, T, C), with an optional KV cache for generation."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dim = cfg.n_head, cfg.dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.cache = None  # (k, v), each (B, H, L, hd), while generating
+
+    def forward(self, x, start=None):
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
+        # (B, T, 3, H, hd) -> (3, B, H, T, hd): one projection, split into queries, keys and values
+        if start is None:                    # the whole sequence at once
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:                                # incremental: positions start .. start+T-1 against the cache
+            kc, vc = self.cache                                                # (Bmax, H, Lmax, hd) each
+            kc[:B, :, start:start + T], vc[:B, :, start:start + T] = k, v
+            k, v = kc[:B, :, :start + T], vc[:B, :, :start + T]                # (B, H, start+T, hd)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)  # new i sees <= start+i
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))  # (B, H, T, hd) -> (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden = 2/3 * 4 * dim rounded up to a multiple of 256 (LlamaGen)."""
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(2 * 4 * cfg.dim / 3)
+        hidden = 256 * math.ceil(hidden / 256)
+        self.w1, self.w3 = nn.Linear(cfg.dim, hidden, bias=False), nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Llama block: x + attention(norm(x)), then + feed_forward(norm(x)). (B, T, C) -> (B, T, C)"""
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm, self.attention = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
+        self.ffn_norm, self.feed_forward = RMSNorm(cfg.dim, cfg.norm_eps), FeedForward(cfg)
+
+    def forward(self, x, start=None):
+        x = x + self.attention(self.attention_norm(x), start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Sequence [class token, code 1, ..., code N-1] -> logits for codes 1..N (next-token prediction)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # the last row is the null class
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))
+        self.tok_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        for m in self.modules():  # N(0, 0.02) for Linear and Embedding; the output head starts at zero
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+        nn.init.zeros_(self.output.weight)
+
+    def drop_labels(self, labels):
+        """Training-time class dropout: each label becomes the null class with probability class_dropout."""
+        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
+
+    def forward(self, codes, labels, hidden_layer=None):
+        """codes (B, N), labels (B,) -> logits (B, N, vocab): logits[:, i] predicts codes[:, i]. With hidden_layer=k,
+        returns instead the hidden state after layer k (B, N, dim), for the AR linear probe."""
+        if self.training:
+            labels = self.drop_labels(labels)
+        # the class token takes position 0 and shifts the codes right by one: (B, 1 + N-1, dim)
+        x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(codes[:, :-1])], dim=1)
+        x = self.tok_dropout(x + self.positional_embedding[:x.shape[1]])                 # (B, N, dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if hidden_layer == i + 1:
+                return x
+        return self.output(self.norm(x)).float()                                         # (B, N, vocab)
+
+    # -- generation with a KV cache --------------------------------------------------------------------
+
+    def setup_cache(self, max_batch, max_len=None, dtype=None, device=None):
+        """Allocate each layer's (keys, values), (max_batch, heads, max_len, head dim) each."""
+        max_len = max_len or self.cfg.block_size + 1
+        p = self.positional_embedding
+        hd = self.cfg.dim // self.cfg.n_head
+        for layer in self.layers:
+            shape = (max_batch, self.cfg.n_head, max_len, hd)
+            layer.attention.cache = (torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
+                                     torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device))
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def forward_cached(self, codes, labels, start):
+        """Incremental forward through the KV cache (set up with setup_cache, eval mode). The new positions are
+        start .. start+T-1 of [class token, codes...]: pass labels (and codes=None) for the class token at
+        position 0, or codes (B, T) for positions >= 1. Returns logits (B, T, vocab) for the next codes."""
+        if labels is not None:
+            x = self.cls_embedding(labels)[:, None]
+            if codes is not None:
+                x = torch.cat([x, self.tok_embeddings(codes)], dim=1)
+        else:
+            x = self.tok_embeddings(codes)
+        x = x + self.positional_embedding[start:start + x.shape[1]]
+        for layer in self.layers:
+            x = layer(x, start)                                                          # (B, T, dim)
+        return self.output(self.norm(x)).float()
+
+# ===========================================================================================================
+# Our additions: what is not the paper's architecture. The toy's initialization (ours), the two networks of
+# the training loss (LPIPS, Zhang et al. 2018, and the pix2pix PatchGAN, both as the official trainer uses
+# them), and the loaders of our and the official checkpoints.
+
+# -----------------------------------------------------------------------------------------------------------
+# The toy's initialization (ours)
 
 
 def identity_init(tok):
@@ -410,60 +663,8 @@ def identity_init(tok):
                 b.copy_(b[:C].repeat(4))
 
 
-class Tokenizer(nn.Module):
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        assert cfg.encoder_size in TRANSFORMER_SIZES and cfg.decoder_size in TRANSFORMER_SIZES, \
-            f"unknown transformer size in {cfg.encoder_size}/{cfg.decoder_size}; known: {list(TRANSFORMER_SIZES)}"
-        assert cfg.kind in ("1d", "2d"), f"kind must be '1d' or '2d', got {cfg.kind!r}"
-        assert cfg.init in ("official", "identity"), f"init must be 'official' or 'identity', got {cfg.init!r}"
-        assert cfg.image_size % 2 ** (len(cfg.ch_mult) - 1) == 0, "image_size must be divisible by the downsample factor"
-        self.cfg = cfg
-        self.cnn_encoder = CNNEncoder(cfg)
-        self.encoder = QFormerEncoder(cfg) if cfg.kind == "1d" else ViTEncoder(cfg)
-        self.decoder = QFormerDecoder(cfg) if cfg.kind == "1d" else ViTDecoder(cfg)
-        self.cnn_decoder = CNNDecoder(cfg)
-        self.apply(init_weights)
-        # created after the init, as in the official code: these keep torch's default (kaiming-uniform) init,
-        # and the codebook keeps its own. The 1x1 convs of the official code are Linears on tokens here.
-        self.quant_conv = nn.Linear(cfg.z_channels, cfg.codebook_dim)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight,
-                                         cfg.entropy_temperature, cfg.rotation_trick)
-        self.post_quant_conv = nn.Linear(cfg.codebook_dim, cfg.z_channels)
-        if cfg.init == "identity":
-            identity_init(self)
-
-    def encode(self, x):
-        """images (B, 3, H, W) -> codes (B, N)"""
-        return self.quantizer(self.quant_conv(self.encoder(self.cnn_encoder(x))))[1]
-
-    def decode(self, codes):
-        """codes (B, N) -> images (B, 3, H, W)"""
-        spatial, _ = self.decoder(self.post_quant_conv(self.quantizer.lookup(codes)))
-        return self.cnn_decoder(spatial)
-
-    def forward(self, x, shortcut=False):
-        """Training forward. Returns the reconstruction and a dict of what the losses need.
-        shortcut=True adds the official early auxiliary terms (spec 1.10): the CNN-only reconstruction
-        CNN-dec(CNN-enc(x)) and the MSE between the CNN encoder output and the transformer decoder output."""
-        s = self.cnn_encoder(x)                                    # (B, z, g, g)
-        z_q, codes, losses = self.quantizer(self.quant_conv(self.encoder(s)))
-        spatial, feat = self.decoder(self.post_quant_conv(z_q), features=True)
-        recon = self.cnn_decoder(spatial)
-        zero = x.new_zeros(())
-        head = self.decoder.semantic_head
-        aux = dict(codes=codes, usage=self.quantizer.usage(),
-                   vq_loss=losses.get("vq_loss", zero), commit_loss=losses.get("commit_loss", zero),
-                   entropy_loss=losses.get("entropy_loss", zero),
-                   dec_feat=feat,                                  # (B, g*g, width) decoder layer-l features
-                   sem_feat=head(feat) if head is not None else None,  # (B, g*g, teacher_dim)
-                   feat_rec_loss=F.mse_loss(spatial, s.detach()) if shortcut else None,
-                   shortcut=self.cnn_decoder(s) if shortcut else None)
-        return recon, aux
-
 # -----------------------------------------------------------------------------------------------------------
-# LPIPS (VGG16) perceptual loss and the PatchGAN discriminator
+# The training loss's networks: the LPIPS (VGG16) perceptual loss and the PatchGAN discriminator
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -516,10 +717,11 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
         try:
             if path:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
-        except Exception as e:
-            raise RuntimeError(f"could not load the {what} ({path or url}: {type(e).__name__}: {e}); download it "
-                               f"and pass its path, or opt out of the perceptual loss") from None
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints "Downloading: ..." even when offline
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        except Exception as e:  # offline, a missing or broken file: one line that says what failed
+            reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
+            raise RuntimeError(f"could not load the {what} from {path or url} ({type(e).__name__}: {reason})") from None
     vgg = get(vgg_path, VGG16_URL, "VGG16 ImageNet weights")
     lin = get(lin_path, LPIPS_LIN_URL, "LPIPS linear heads")
     sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS.taps[-1]}
@@ -553,164 +755,10 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 # -----------------------------------------------------------------------------------------------------------
-# The AR model: LlamaGen's class-conditional GPT with GigaTok's learned absolute 1D positions (official gpt_1d)
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 16384     # = the tokenizer's codebook size
-    block_size: int = 256       # = the tokenizer's number of tokens
-    n_layer: int = 12
-    n_head: int = 12
-    dim: int = 768
-    num_classes: int = 1000     # class `num_classes` is the null class for classifier-free guidance
-    class_dropout: float = 0.1  # p of replacing the label by the null class in training
-    token_dropout: float = 0.1  # dropout on the input embeddings (condition included)
-    resid_dropout: float = 0.1  # after attention's output projection
-    ffn_dropout: float = 0.1    # after the SwiGLU feed-forward
-    norm_eps: float = 1e-5
-
-
-GPT_PRESETS = {  # (official counts with vocab 16384, 1000 classes, 256 tokens)
-    "toy": GPTConfig(n_layer=4, n_head=4, dim=256, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),  # ours
-    "gpt-b": GPTConfig(n_layer=12, n_head=12, dim=768),     # 111.1M
-    "gpt-l": GPTConfig(n_layer=24, n_head=16, dim=1024),    # 343.2M
-    "gpt-xl": GPTConfig(n_layer=36, n_head=20, dim=1280),   # 775.0M
-    "gpt-xxl": GPTConfig(n_layer=48, n_head=24, dim=1536),  # 1411.4M
-}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):  # computed in float32
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head, self.dim = cfg.n_head, cfg.dim
-        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
-        self.cache = None  # (k, v), each (B, H, L, hd), while generating
-
-    def forward(self, x, start=None):
-        B, T, C = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
-        if start is None:                    # the whole sequence at once
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:                                # incremental: positions start .. start+T-1 against the cache
-            kc, vc = self.cache
-            kc[:B, :, start:start + T], vc[:B, :, start:start + T] = k, v
-            k, v = kc[:B, :, :start + T], vc[:B, :, :start + T]
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), hidden = 2/3 * 4 * dim rounded up to a multiple of 256 (LlamaGen)."""
-    def __init__(self, cfg):
-        super().__init__()
-        hidden = int(2 * 4 * cfg.dim / 3)
-        hidden = 256 * math.ceil(hidden / 256)
-        self.w1, self.w3 = nn.Linear(cfg.dim, hidden, bias=False), nn.Linear(cfg.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
-        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout)
-
-    def forward(self, x):
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.attention_norm, self.attention = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
-        self.ffn_norm, self.feed_forward = RMSNorm(cfg.dim, cfg.norm_eps), FeedForward(cfg)
-
-    def forward(self, x, start=None):
-        x = x + self.attention(self.attention_norm(x), start)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-
-class GPT(nn.Module):
-    """Sequence [class token, code 1, ..., code N-1] -> logits for codes 1..N (next-token prediction)."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # the last row is the null class
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))
-        self.tok_dropout = nn.Dropout(cfg.token_dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        for m in self.modules():  # N(0, 0.02) for Linear and Embedding; the output head starts at zero
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-        nn.init.zeros_(self.output.weight)
-
-    def drop_labels(self, labels):
-        """Training-time class dropout: each label becomes the null class with probability class_dropout."""
-        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
-
-    def forward(self, codes, labels, hidden_layer=None):
-        """codes (B, N), labels (B,) -> logits (B, N, vocab): logits[:, i] predicts codes[:, i]. With hidden_layer=k,
-        returns instead the hidden state after layer k (B, N, dim), for the AR linear probe."""
-        if self.training:
-            labels = self.drop_labels(labels)
-        x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(codes[:, :-1])], dim=1)
-        x = self.tok_dropout(x + self.positional_embedding[:x.shape[1]])                 # (B, N, dim)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if hidden_layer == i + 1:
-                return x
-        return self.output(self.norm(x)).float()
-
-    # -- generation with a KV cache --------------------------------------------------------------------
-
-    def setup_cache(self, max_batch, max_len=None, dtype=None, device=None):
-        max_len = max_len or self.cfg.block_size + 1
-        p = self.positional_embedding
-        hd = self.cfg.dim // self.cfg.n_head
-        for layer in self.layers:
-            shape = (max_batch, self.cfg.n_head, max_len, hd)
-            layer.attention.cache = (torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
-                                     torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device))
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.cache = None
-
-    def forward_cached(self, codes, labels, start):
-        """Incremental forward through the KV cache (set up with setup_cache, eval mode). The new positions are
-        start .. start+T-1 of [class token, codes...]: pass labels (and codes=None) for the class token at
-        position 0, or codes (B, T) for positions >= 1. Returns logits (B, T, vocab) for the next codes."""
-        if labels is not None:
-            x = self.cls_embedding(labels)[:, None]
-            if codes is not None:
-                x = torch.cat([x, self.tok_embeddings(codes)], dim=1)
-        else:
-            x = self.tok_embeddings(codes)
-        x = x + self.positional_embedding[start:start + x.shape[1]]
-        for layer in self.layers:
-            x = layer(x, start)
-        return self.output(self.norm(x)).float()
-
-# -----------------------------------------------------------------------------------------------------------
 # Loading checkpoints: ours ({"config": dict, "model": state dict}) and the released official ones
 # (GigaTok tokenizers: {"model"[, "ema"], "args", "optimizer", "discriminator", ...}; AR models from
 # autoregressive/models/gpt_1d.py: {"model", "optimizer", "steps", "args"}). Official names map onto ours by
 # the rules below; the official layouts differ from ours only by reshapes of the same numbers.
-import dataclasses
-import re
 
 
 # official name -> ours: the first matching rule renames the module path ...
@@ -745,10 +793,11 @@ OFFICIAL_DROPPED = r"^quantize\.codebook_used$|\.kv_cache\.[kv]_cache$"
 
 
 def read_checkpoint(path_or_state):
-    """A checkpoint path, or an already loaded dict -> dict of CPU tensors (memory-mapped when possible)."""
+    """A checkpoint path, or an already loaded dict -> dict of CPU tensors (memory-mapped when possible). The one
+    checkpoint reader of the project: the trainers resume through it too."""
     if isinstance(path_or_state, dict):
         return path_or_state
-    import argparse, contextlib  # the official training scripts pickle their argparse.Namespace under "args"
+    # the official training scripts pickle their argparse.Namespace under "args"
     allow = getattr(torch.serialization, "safe_globals", None)   # torch >= 2.5; older ones refuse such files
     with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
         try:
@@ -832,7 +881,7 @@ def _transformer_size(sd, prefix):
 
 
 def tokenizer_config_from_shapes(sd):
-    """The architecture read off the tensor shapes (our names); the training-only fields (entropy weight ...)
+    """The architecture read off the tensor shapes (our names); the fields the shapes cannot tell (init, norm groups ...)
     come from the preset with that architecture."""
     kind = "1d" if "encoder.pos_query" in sd else "2d"
     ch = sd["cnn_encoder.conv_in.weight"].shape[0]

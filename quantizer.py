@@ -5,9 +5,11 @@ Each latent token z (dim d = 8) and each of the K = 16384 codes e are l2-normali
 by Euclidean distance is the code with the largest cosine. The codebook is learned by gradient only:
 no EMA updates, no dead-code restarts, no k-means init.
 
-    loss = mean (sg[z] - e)^2                 codebook loss: pulls codes toward the encoder
-         + beta * mean (z - sg[e])^2          commitment loss (beta = 0.25): pulls the encoder toward codes
-         + w_ent * (H[p(code | z)] - H[mean_z p(code | z)])   entropy loss (Sec. 3.3), w_ent = 0.005 for XL-XXL
+The quantizer returns its three loss terms unweighted; train_tokenizer.py weighs them in the one loss expression:
+
+    codebook   = mean (sg[z] - e)^2                         pulls the codes toward the encoder
+    commitment = mean (z - sg[e])^2                         pulls the encoder toward the codes (weight beta = 0.25)
+    entropy    = H[p(code | z)] - H[mean_z p(code | z)]     Sec. 3.3 (weight 0.005 for XL-XXL)
 
 The entropy loss makes each token's assignment confident (low per-token entropy) while spreading the batch
 over the whole codebook (high entropy of the average assignment). The paper needs it to make the 2.9B
@@ -20,12 +22,12 @@ import torch.nn.functional as F
 
 def entropy_loss(logits):
     """Per-token entropy minus the entropy of the batch-averaged distribution. logits: (T, K)."""
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(logits, dim=-1)                                     # (T, K) p(code | token)
     log_probs = F.log_softmax(logits, dim=-1)
-    sample_entropy = -(probs * log_probs).sum(-1).mean()
-    avg_probs = probs.mean(0)
-    codebook_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()  # the official +1e-5 inside the log
-    return sample_entropy - codebook_entropy
+    sample_entropy = -(probs * log_probs).sum(-1).mean()                  # low: each token is sure of its code
+    avg_probs = probs.mean(0)                                             # (K,) the batch's code distribution
+    codebook_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()  # high: the batch spreads over all codes
+    return sample_entropy - codebook_entropy                             # (the official +1e-5 inside the log)
 
 
 def rotate_to(z, q):
@@ -35,18 +37,18 @@ def rotate_to(z, q):
     u = z / (z.norm(dim=-1, keepdim=True) + 1e-6)
     qn = q / (q.norm(dim=-1, keepdim=True) + 1e-6)
     w = F.normalize(u + qn, dim=-1).detach()  # the axis half-way between u and q
+    # R z = z - 2 (z.w) w + 2 (z.u) q: a reflection about w, then one that lands u on q
     out = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u.detach()).sum(-1, keepdim=True) * qn.detach()
     return out * (q.norm(dim=-1, keepdim=True) / (z.norm(dim=-1, keepdim=True) + 1e-6)).detach()
 
 
 class VectorQuantizer(nn.Module):
 
-    def __init__(self, codebook_size=16384, dim=8, beta=0.25, entropy_weight=0.0, entropy_temperature=0.01,
-                 rotation_trick=True, usage_window=65536):
+    def __init__(self, codebook_size=16384, dim=8, entropy_temperature=0.01, rotation_trick=True,
+                 usage_window=65536):
         super().__init__()
         self.codebook_size, self.dim = codebook_size, dim
-        self.beta, self.entropy_weight, self.entropy_temperature = beta, entropy_weight, entropy_temperature
-        self.rotation_trick = rotation_trick
+        self.entropy_temperature, self.rotation_trick = entropy_temperature, rotation_trick
         self.embedding = nn.Embedding(codebook_size, dim)
         with torch.no_grad():  # the official init: tiny uniform values, then unit rows
             self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
@@ -66,22 +68,23 @@ class VectorQuantizer(nn.Module):
         recent = self.recent_codes[self.recent_codes >= 0]
         return recent.unique().numel() / self.codebook_size
 
-    def forward(self, z):
-        """z: (B, N, d) continuous latents -> (z_q (B, N, d), codes (B, N), losses dict)"""
+    def forward(self, z, entropy=False):
+        """z: (B, N, d) continuous latents -> (z_q (B, N, d), codes (B, N), losses). In training, losses holds the
+        unweighted codebook and commitment terms, and the entropy term when entropy=True (it costs a (B*N, K)
+        softmax, so it is computed only when its weight is not zero); in eval mode it is empty."""
         z = F.normalize(z, dim=-1)
         e = self.codebook()
-        zf, ef = z.reshape(-1, self.dim).float(), e.float()
+        zf, ef = z.reshape(-1, self.dim).float(), e.float()                # (B*N, d), (K, d)
         # squared distances in float32 even under autocast: among 16384 unit vectors bf16 flips near-ties
         with torch.autocast(device_type=z.device.type, enabled=False):
             d = zf.pow(2).sum(1, keepdim=True) + ef.pow(2).sum(1) - 2 * zf @ ef.t()  # (B*N, K)
-        codes = d.argmin(dim=1)
-        z_q = e[codes].view_as(z)
+        codes = d.argmin(dim=1)                                            # (B*N,) the nearest code
+        z_q = e[codes].view_as(z)                                          # (B, N, d)
         losses = {}
         if self.training:
-            losses["vq_loss"] = (z_q - z.detach()).pow(2).mean()
-            losses["commit_loss"] = self.beta * (z_q.detach() - z).pow(2).mean()
-            losses["entropy_loss"] = (self.entropy_weight * entropy_loss(-d / self.entropy_temperature)
-                                      if self.entropy_weight > 0 else z.new_zeros(()))
+            losses["codebook"] = (z_q - z.detach()).pow(2).mean()
+            losses["commitment"] = (z_q.detach() - z).pow(2).mean()
+            losses["entropy"] = entropy_loss(-d / self.entropy_temperature) if entropy else z.new_zeros(())
             with torch.no_grad():
                 n = min(codes.numel(), self.recent_codes.numel())
                 self.recent_codes.copy_(torch.cat([self.recent_codes[n:], codes[-n:]]))

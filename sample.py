@@ -2,8 +2,8 @@
 Class-conditional image generation: the AR model writes codes token by token, the tokenizer paints them.
 
     python sample.py                                   # toy: a labelled grid, one row per class -> out/ar-toy/samples.png
-    python sample.py --ckpt=out/ar-gpt-b/ckpt.pt --cfg_scale=1.75 --cfg_schedule=step --classes=207,360,387,974
-    torchrun --nproc_per_node=8 sample.py --ckpt=... --num_samples=50000   # PNGs + an .npz for FID (evaluate.py)
+    python sample.py --ckpt out/ar-gpt-b/ckpt.pt --cfg-scale 1.75 --cfg-schedule step --classes 207,360,387,974
+    torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000   # PNGs + an .npz for FID (evaluate.py)
 
 Classifier-free guidance as the official generate.py (spec 5.3): the batch is doubled with the null class and
 logits = uncond + s * (cond - uncond). The "step" schedule keeps s = 1 until a fraction step_start of the codes
@@ -13,22 +13,23 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import model
-from train_tokenizer import barrier, cleanup_distributed, parse_config, setup_distributed, to_uint8
+import runtime
+from data import image_grid, to_uint8
 
 
 @dataclass
 class SampleConfig:
     ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint (ours from train_ar.py, or an official GigaTok gpt_1d one)
     tokenizer: str = ""               # tokenizer checkpoint; "" = the one the AR model was trained on
-    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = toy AR 2.0 (ours, by eye), else 4.0 (official)
+    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 2, else 4)
     cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
     step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
     temperature: float = 1.0          # 0 = greedy (argmax)
@@ -41,7 +42,8 @@ class SampleConfig:
     num_samples: int = 0              # > 0: write this many images (classes uniformly at random) + an .npz
     batch_size: int = 32              # images generated at once (per process)
     out: str = ""                     # grid PNG path, or folder for num_samples; "" = beside the checkpoint
-    bf16: bool = True                 # bf16 autocast for the AR model on CUDA (the tokenizer decodes in fp32)
+    precision: str = "auto"           # the AR model's: "auto" (bf16 on CUDA, fp32 elsewhere), bf16, fp16, fp32;
+                                      # the tokenizer decodes in fp32
     device: str = ""                  # "" = cuda, else mps, else cpu
     threads: int = 0                  # torch CPU threads (0 = torch's default)
 
@@ -117,21 +119,17 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
 
 def labelled_grid(rows, names, label_width=110):
     """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class name at left."""
-    from PIL import Image, ImageDraw
     n, H, W, _ = rows[0].shape
     grid = Image.new("RGB", (label_width + n * W, len(rows) * H), "white")
+    grid.paste(Image.fromarray(image_grid(rows)), (label_width, 0))
     draw = ImageDraw.Draw(grid)
-    for r, (row, name) in enumerate(zip(rows, names)):
+    for r, name in enumerate(names):
         draw.text((4, r * H + H // 2 - 6), name[:18], fill="black")
-        for c in range(n):
-            grid.paste(Image.fromarray(row[c]), (label_width + c * W, r * H))
     return grid
 
 
-def main(cfg: SampleConfig):
-    rank, world, device = setup_distributed(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def load_models(cfg, device):
+    """-> (the AR model, the tokenizer it was trained on, class names, cfg with the model's guidance scale)"""
     if not os.path.exists(cfg.ckpt):
         raise SystemExit(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
@@ -139,20 +137,27 @@ def main(cfg: SampleConfig):
     ours = ckpt.get("config") or {}
     trained = ours.get("train", {})                  # how train_ar.py made it (empty for an official checkpoint)
     gpt = model.load_gpt(ckpt, device=device)        # eval mode
-    if cfg.cfg_scale == -1:
-        cfg = dataclasses.replace(cfg, cfg_scale=2.0 if trained.get("gpt") == "toy" else 4.0)
+    if cfg.cfg_scale == -1:                          # official checkpoints: the official 4.0
+        cfg = dataclasses.replace(cfg, cfg_scale=trained.get("cfg_scale", 4.0))
     tok_path = cfg.tokenizer or trained.get("tokenizer")
-    assert tok_path, f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer=<checkpoint>"
+    if not tok_path:
+        raise SystemExit(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
     tok = model.load_tokenizer(tok_path, device=device)
-    assert (tok.cfg.codebook_size, tok.cfg.num_tokens) == (gpt.cfg.vocab_size, gpt.cfg.block_size), \
-        f"tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not fit the AR model " \
-        f"({gpt.cfg.vocab_size} x {gpt.cfg.block_size})"
+    if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
+        raise SystemExit(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not "
+                         f"fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
     names = ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
-    autocast = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
+    return gpt, tok, names, cfg
+
+
+def main(cfg: SampleConfig):
+    rank, world, device = runtime.setup(cfg)
+    gpt, tok, names, cfg = load_models(cfg, device)
+    autocast = runtime.autocast_for(cfg.precision, device)[1]
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
     stats = dict(tokens=0, seconds=0.0)
 
-    def images_for(labels):
+    def images_for(labels):  # (B,) class ids -> (B, H, W, 3) uint8
         t0 = time.time()
         with autocast:
             codes = generate(gpt, labels, cfg.cfg_scale, cfg.cfg_schedule, cfg.step_start, cfg.temperature,
@@ -164,21 +169,17 @@ def main(cfg: SampleConfig):
         with torch.no_grad():
             return to_uint8(tok.decode(codes).float())
 
-    base = os.path.splitext(cfg.ckpt)[0]
     if cfg.num_samples == 0:  # a labelled grid, one row per class
         n_cls = gpt.cfg.num_classes
         classes = [int(c) for c in cfg.classes.split(",")] if cfg.classes else \
             sorted({round(i * (n_cls - 1) / max(1, min(10, n_cls) - 1)) for i in range(min(10, n_cls))})
-        rows = []
-        for c in tqdm(classes, desc="sampling", disable=rank != 0):
-            labels = torch.full((cfg.per_class,), c, dtype=torch.long, device=device)
-            rows.append(images_for(labels))
+        rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
+                for c in tqdm(classes, desc="sampling", disable=rank != 0)]
         out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png")
         if rank == 0:
             labelled_grid(rows, [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]).save(out)
     else:  # num_samples images, classes uniformly at random (official), sharded over the processes
-        from PIL import Image
-        out = cfg.out or base + f"-samples-{cfg.num_samples}"
+        out = cfg.out or os.path.splitext(cfg.ckpt)[0] + f"-samples-{cfg.num_samples}"
         os.makedirs(out, exist_ok=True)
         labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,), generator=torch.Generator().manual_seed(cfg.seed))
         mine = list(range(rank, cfg.num_samples, world))
@@ -186,7 +187,7 @@ def main(cfg: SampleConfig):
             idx = mine[s:s + cfg.batch_size]
             for i, img in zip(idx, images_for(labels_all[idx].to(device))):
                 Image.fromarray(img).save(os.path.join(out, f"{i:06d}.png"))
-        barrier()
+        runtime.barrier()
         if rank == 0:  # the .npz that FID tools read: arr_0 = (n, H, W, 3) uint8, plus the labels
             arr = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png"))) for i in range(cfg.num_samples)])
             np.savez(out + ".npz", arr_0=arr, labels=labels_all.numpy())
@@ -195,8 +196,8 @@ def main(cfg: SampleConfig):
         mode = "KV cache" if cfg.kv_cache else "no cache"
         print(f"wrote {out}; {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} codes/s per process ({mode}, "
               f"guidance {cfg.cfg_scale} {cfg.cfg_schedule})")
-    cleanup_distributed()
+    runtime.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main(parse_config(SampleConfig()))
+    main(runtime.parse_config(SampleConfig()))

@@ -14,15 +14,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# threads: OMP_NUM_THREADS when it is set (torch reads it), else the cores this process may run on (taskset), at most 4
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)))
 
 
 # ---- model.py / quantizer.py ----
 
 import dataclasses
 
+import data
 import model
 import quantizer
+import runtime
 from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
 
 
@@ -68,7 +72,7 @@ def test_tokenizer_shapes_at_several_sizes_and_token_counts():
         assert recon.shape == x.shape, kw
         assert aux["codes"].shape == (2, cfg.num_tokens) and aux["codes"].dtype == torch.long, kw
         assert aux["sem_feat"].shape == (2, g2, cfg.teacher_dim), kw
-        assert aux["shortcut"].shape == x.shape and aux["feat_rec_loss"].ndim == 0, kw
+        assert aux["shortcut"].shape == x.shape and aux["feat_rec"].ndim == 0, kw
         assert int(aux["codes"].max()) < cfg.codebook_size
         tok.eval()
         with torch.no_grad():
@@ -111,29 +115,30 @@ def test_quantizer_gradients_reach_encoder_and_codebook():
         assert tok.cnn_encoder.conv_in.weight.grad.abs().sum() > 0, rot
         assert tok.quant_conv.weight.grad.abs().sum() > 0, rot
         tok.zero_grad()
-        aux["vq_loss"].backward()           # the codebook loss moves only the codebook
+        aux["codebook"].backward()          # the codebook loss moves only the codebook
         assert tok.quantizer.embedding.weight.grad.abs().sum() > 0
         assert tok.quant_conv.weight.grad is None or tok.quant_conv.weight.grad.abs().sum() == 0
 
 
 def test_quantizer_losses_equal_direct_computation():
     torch.manual_seed(0)
-    vq = quantizer.VectorQuantizer(64, 4, beta=0.25, entropy_weight=0.1).train()
+    vq = quantizer.VectorQuantizer(64, 4).train()
     z = torch.randn(2, 5, 4)
-    z_q, codes, losses = vq(z)
+    z_q, codes, losses = vq(z, entropy=True)             # unweighted: the training loop weighs them
     zn = z / z.norm(dim=-1, keepdim=True)
     e = vq.embedding.weight / vq.embedding.weight.norm(dim=-1, keepdim=True)
     q = e[codes]
-    assert torch.allclose(losses["vq_loss"], ((q - zn) ** 2).mean())
-    assert torch.allclose(losses["commit_loss"], 0.25 * ((q - zn) ** 2).mean())
+    assert torch.allclose(losses["codebook"], ((q - zn) ** 2).mean())
+    assert torch.allclose(losses["commitment"], ((q - zn) ** 2).mean())
     # entropy loss from its definition, in float64 numpy
     d = ((zn.reshape(-1, 1, 4) - e[None]) ** 2).sum(-1).double().detach().numpy()
     logits = -d / 0.01
     p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
     sample_h = -(p * np.log(p + 1e-300)).sum(1).mean()
     avg = p.mean(0)
-    expected = 0.1 * (sample_h - (-(avg * np.log(avg + 1e-5)).sum()))
-    assert abs(losses["entropy_loss"].item() - expected) < 1e-4 * max(1, abs(expected)), (losses["entropy_loss"], expected)
+    expected = sample_h - (-(avg * np.log(avg + 1e-5)).sum())
+    assert abs(losses["entropy"].item() - expected) < 1e-4 * max(1, abs(expected)), (losses["entropy"], expected)
+    assert vq(z)[2]["entropy"] == 0                      # not computed when its weight is zero
 
 
 def test_entropy_loss_lowest_for_confident_evenly_spread_assignments():
@@ -355,7 +360,7 @@ def test_load_official_tokenizer_prefers_ema_and_allows_stripped_semantic_head()
 
 def test_load_tokenizer_reads_our_checkpoint_and_its_config():
     torch.manual_seed(0)
-    cfg = toy_cfg(entropy_weight=0.02, rotation_trick=False)         # training fields the shapes cannot tell
+    cfg = toy_cfg(entropy_temperature=0.02, rotation_trick=False)    # training fields the shapes cannot tell
     tok = Tokenizer(cfg).eval()
     for config in [dataclasses.asdict(cfg), {"tokenizer": dataclasses.asdict(cfg), "train": {"lr": 1e-4}}]:
         loaded = model.load_tokenizer({"config": config, "model": tok.state_dict()})
@@ -565,9 +570,9 @@ def test_reconstruction_report_equals_direct_computation():
                                              evaluate.InceptionV3(), lpips, d)
         assert os.path.exists(out["grid"])
         assert os.path.exists(evaluate.pca_picture(tok, x[:3], os.path.join(d, "pca.png")))
-    with torch.no_grad():
-        codes = tok.encode(x)
-        recon = tok.decode(codes)
+    with torch.no_grad():  # in the report's batches of 4: a conv's last bits depend on the batch (and threads)
+        codes = torch.cat([tok.encode(xb) for xb in x.split(4)])
+        recon = torch.cat([tok.decode(c) for c in codes.split(4)])
         o8, r8 = evaluate.to_uint8(x), evaluate.to_uint8(recon)
         assert abs(out["psnr"] - evaluate.psnr(o8, r8).mean()) < 1e-9
         assert abs(out["ssim"] - evaluate.ssim(o8, r8).mean()) < 1e-9
@@ -625,7 +630,7 @@ def test_evaluate_main_probe_reads_the_ar_code_cache():
             meta = dict(fingerprint=train_ar.tokenizer_fingerprint(tok), data="synthetic", num_classes=0,
                         per_class=per_class, views=views, classes=[str(c) for c in range(classes)])
             json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
-        results = evaluate.main(evaluate.EvalConfig(gpt=os.path.join(d, "gpt.pt"), probe_epochs=10, probe_batch=16,
+        results = evaluate.main(evaluate.EvalConfig(ckpt=os.path.join(d, "gpt.pt"), probe_epochs=10, probe_batch=16,
                                                     inception_path=os.path.join(d, "absent.pth")))
     probe = results["linear_probe"]
     assert probe["train_images"] == 40 and probe["val_images"] == 40 and probe["layer"] == 1
@@ -847,7 +852,7 @@ def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
             os.makedirs(folder)
             np.save(os.path.join(folder, "codes.npy"), np.repeat(seqs[:, None], views, 1).astype(np.uint16))
             np.save(os.path.join(folder, "labels.npy"), np.arange(8))
-            train_ar.write_json(os.path.join(folder, "meta.json"), dict(
+            runtime.write_json(os.path.join(folder, "meta.json"), dict(
                 fingerprint=train_ar.tokenizer_fingerprint(model.load_tokenizer(tok_path)), data="synthetic",
                 num_classes=0, per_class=0, views=views, classes=list("abcdefgh")))
         cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=os.path.join(d, "codes"), gpt="test-tiny", per_class=0,
@@ -887,7 +892,7 @@ class _FewImages:  # a stand-in for make_dataset: n deterministic images at `siz
 
 def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
     _register_tiny_ar()
-    real, train_ar.make_dataset = train_ar.make_dataset, _FewImages
+    real, data.make_dataset = data.make_dataset, _FewImages
     try:
         with tempfile.TemporaryDirectory() as d:
             tok_path = _tiny_tokenizer_checkpoint(d)
@@ -906,11 +911,11 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
                 assert np.array_equal(np.load(os.path.join(folder, "val", "codes.npy"))[2],
                                       tok.encode(_FewImages(None, "val", 32)[2][0][None]).numpy())
             stamp = os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns
-            train_ar.make_dataset = None  # a second run must not touch the images at all
+            data.make_dataset = None  # a second run must not touch the images at all
             train_ar.main(dataclasses.replace(cfg, max_steps=4))
             assert os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns == stamp
             # a retrained tokenizer is noticed: the cache is rebuilt
-            train_ar.make_dataset = _FewImages
+            data.make_dataset = _FewImages
             ckpt = torch.load(tok_path, weights_only=True)
             ckpt["model"]["quantizer.embedding.weight"] += 0.01
             torch.save(ckpt, tok_path)
@@ -921,7 +926,7 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
                 assert "another tokenizer" in str(e)
             assert os.stat(os.path.join(folder, "train", "codes.npy")).st_mtime_ns != stamp
     finally:
-        train_ar.make_dataset = real
+        data.make_dataset = real
 
 
 # ---- train_tokenizer.py ----
@@ -943,12 +948,12 @@ def _tok_run(out_dir, **kw):
 
 
 def test_parse_config_flags_help_and_unknown_flags():
-    cfg = train_tokenizer.parse_config(train_tokenizer.TrainConfig(), ["--size", "s-s", "--max-steps", "7",
+    cfg = runtime.parse_config(train_tokenizer.TrainConfig(), ["--size", "s-s", "--max-steps", "7",
                                        "--fresh", "--lr=3e-4", "--compile", "false", "--data", "/x"])
     assert (cfg.size, cfg.max_steps, cfg.fresh, cfg.lr, cfg.compile, cfg.data) == ("s-s", 7, True, 3e-4, False, "/x")
     for bad in (["--no-such-flag", "1"], ["--max-steps", "seven"], ["--max-steps"], ["positional"]):
         try:
-            train_tokenizer.parse_config(train_tokenizer.TrainConfig(), bad)
+            runtime.parse_config(train_tokenizer.TrainConfig(), bad)
             raise AssertionError(f"{bad} was accepted")
         except SystemExit as e:
             assert e.code != 0, bad
@@ -956,7 +961,7 @@ def test_parse_config_flags_help_and_unknown_flags():
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         try:
-            train_tokenizer.parse_config(train_tokenizer.TrainConfig(), ["--help"])
+            runtime.parse_config(train_tokenizer.TrainConfig(), ["--help"])
         except SystemExit as e:
             assert e.code == 0
     text = buf.getvalue()
@@ -968,15 +973,15 @@ def test_parse_config_flags_help_and_unknown_flags():
 
 
 def test_synthetic_images_deterministic_any_size_and_held_out_differs():
-    a = train_tokenizer.make_dataset("synthetic", "train", 48)
-    b = train_tokenizer.make_dataset("synthetic", "train", 48)
+    a = data.make_dataset("synthetic", "train", 48)
+    b = data.make_dataset("synthetic", "train", 48)
     x, y = a[13]
     assert x.shape == (3, 48, 48) and -1 <= x.min() and x.max() <= 1 and y == 3 and len(a.classes) == 10
     assert torch.equal(x, b[13][0])
-    assert train_tokenizer.make_dataset("synthetic", "train", 100)[13][0].shape == (3, 100, 100)
-    val = train_tokenizer.make_dataset("synthetic", "val", 48)
+    assert data.make_dataset("synthetic", "train", 100)[13][0].shape == (3, 100, 100)
+    val = data.make_dataset("synthetic", "val", 48)
     assert len(val) == 500 and not torch.equal(val[13][0], x)
-    sub = train_tokenizer.make_dataset("synthetic", "train", 16, num_classes=3, per_class=4)
+    sub = data.make_dataset("synthetic", "train", 16, num_classes=3, per_class=4)
     assert len(sub) == 12 and sorted({sub[i][1] for i in range(12)}) == [0, 1, 2]
 
 
@@ -986,10 +991,10 @@ def test_synthetic_shape_classes_are_mirror_symmetric():
     for c in range(7):  # the shapes; patterns are symmetric by their random orientation
         skews = []
         for k in range(40):
-            img = train_tokenizer.render_synthetic(c + 10 * k, "train", 64)[0].astype(float)
+            img = data.render_synthetic(c + 10 * k, "train", 64)[0].astype(float)
             x = np.nonzero(np.abs(img - img[0, 0]).sum(-1) > 60)[1]     # columns of the pixels unlike the corner
             skews.append(((x - x.mean()) ** 3).mean() / x.std() ** 3)
-        assert abs(np.mean(skews)) < 0.1, (train_tokenizer.SYNTHETIC_CLASSES[c], np.mean(skews))
+        assert abs(np.mean(skews)) < 0.1, (data.SYNTHETIC_CLASSES[c], np.mean(skews))
 
 
 def test_image_folder_recursive_flat_subsets_and_unreadable_files():
@@ -1006,49 +1011,48 @@ def test_image_folder_recursive_flat_subsets_and_unreadable_files():
             f.write("not an image")
         os.makedirs(os.path.join(d, "flat"))
         Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(os.path.join(d, "flat", "g.png"))
-        data = train_tokenizer.make_dataset(d, "train", 32)
-        assert data.classes == ["a_cls", "b_cls", "c_cls"] and len(data) == 10
-        x, y = data[0]
+        images = data.make_dataset(d, "train", 32)
+        assert images.classes == ["a_cls", "b_cls", "c_cls"] and len(images) == 10
+        x, y = images[0]
         assert x.shape == (3, 32, 32) and y == 0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x3, y3 = data[3]                      # the unreadable one: reported, replaced by the next image
+            x3, y3 = images[3]                    # the unreadable one: reported, replaced by the next image
         assert any("unreadable image" in str(w.message) for w in caught) and y3 == 1
-        xa, _ = data.train_item(0, np.random.default_rng(1))
+        xa, _ = images.train_item(0, np.random.default_rng(1))
         assert xa.shape == (3, 32, 32)
-        assert len(train_tokenizer.make_dataset(d, "train", 32, num_classes=2, per_class=2)) == 4
-        flat = train_tokenizer.make_dataset(os.path.join(d, "flat"), "train", 16)
+        assert len(data.make_dataset(d, "train", 32, num_classes=2, per_class=2)) == 4
+        flat = data.make_dataset(os.path.join(d, "flat"), "train", 16)
         assert flat.classes == ["flat"] and flat[0][0].shape == (3, 16, 16)       # grayscale -> RGB
 
 
 def test_train_batches_are_a_function_of_seed_rank_and_step():
-    data = train_tokenizer.make_dataset("synthetic", "train", 16, per_class=3)   # 30 images
-    first = list(itertools.islice(train_tokenizer.train_batches(data, 4, rank=1, world=2, seed=5), 9))
-    later = next(train_tokenizer.train_batches(data, 4, rank=1, world=2, seed=5, start=7))
+    images = data.make_dataset("synthetic", "train", 16, per_class=3)   # 30 images
+    first = list(itertools.islice(data.train_batches(images, 4, rank=1, world=2, seed=5), 9))
+    later = next(data.train_batches(images, 4, rank=1, world=2, seed=5, start=7))
     assert torch.equal(first[7][0], later[0]) and torch.equal(first[7][1], later[1])   # a resume sees the same
-    other = next(train_tokenizer.train_batches(data, 4, rank=0, world=2, seed=5, start=7))
+    other = next(data.train_batches(images, 4, rank=0, world=2, seed=5, start=7))
     assert not torch.equal(other[0], later[0])
 
 
 def test_checkpoint_save_is_atomic():
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ckpt.pt")
-        train_tokenizer.save_checkpoint(dict(step=1, w=torch.ones(3), config=dict(a="b")), path)
+        runtime.save_checkpoint(dict(step=1, w=torch.ones(3), config=dict(a="b")), path)
         real_save = torch.save
 
         def crash(obj, f, *a, **k):
-            with open(f, "wb") as fh:
-                fh.write(b"half a checkpoint")
+            f.write(b"half a checkpoint")
             raise KeyboardInterrupt("killed while writing")
         torch.save = crash
         try:
-            train_tokenizer.save_checkpoint(dict(step=2, w=torch.zeros(3)), path)
+            runtime.save_checkpoint(dict(step=2, w=torch.zeros(3)), path)
             raise AssertionError("the crash was swallowed")
         except KeyboardInterrupt:
             pass
         finally:
             torch.save = real_save
-        ckpt = train_tokenizer.load_checkpoint(path)                  # weights_only=True
+        ckpt = model.read_checkpoint(path)                  # weights_only=True
         assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3)) and os.listdir(d) == ["ckpt.pt"]
 
 
@@ -1069,7 +1073,7 @@ def test_discriminator_terms_zero_before_disc_start_and_active_after_and_resume_
         torch.manual_seed(0)
         Tokenizer(TOKENIZER_PRESETS["toy"])
         init_disc = model.PatchDiscriminator().state_dict()        # created right after the tokenizer, same seed
-        ckpt = train_tokenizer.load_checkpoint(os.path.join(d, "ckpt.pt"))
+        ckpt = model.read_checkpoint(os.path.join(d, "ckpt.pt"))
         assert ckpt["step"] == 3 and all(torch.equal(v, ckpt["discriminator"][k]) for k, v in init_disc.items())
         result, rows = _tok_run(d, max_steps=5, disc_start=3, lr=1e-4, end_lr=1e-4)   # the same command, longer
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]                           # continued at step 4
@@ -1121,7 +1125,7 @@ def test_teacher_through_local_hub_repo_is_frozen_and_semantic_loss_is_direct():
         torch.manual_seed(0)
         init = Tokenizer(TOKENIZER_PRESETS["toy"]).state_dict()
         assert not torch.equal(init["decoder.semantic_head.0.weight"], tok.state_dict()["decoder.semantic_head.0.weight"])
-        ckpt = train_tokenizer.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))
         assert not any(k.startswith(("teacher", "net.")) for k in ckpt["model"])   # the teacher is not saved
         # the teacher's input (official order: normalize, then bicubic resize to grid*14) and the loss
         x = torch.rand(2, 3, 64, 64) * 2 - 1

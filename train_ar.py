@@ -13,10 +13,11 @@ at the end. Re-running a command continues from <out-dir>/ckpt.pt (pass --fresh 
 The dataset is encoded once, before training, as the official extract_codes_c2i.py does: each training image is
 center-cropped to 1.1x the tokenizer's size and cut into ten crops (four corners, center, and their mirror
 images); training draws one of the ten views per access. Codes are cached under the tokenizer's folder and
-reused by later runs (and by other AR models on the same tokenizer).
+reused by later runs (and by other AR models on the same tokenizer). That code cache is this script's own; the
+shared plumbing is in runtime.py and data.py.
 """
 import dataclasses
-import json
+import hashlib
 import math
 import os
 import time
@@ -28,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import model
+import runtime
 from model import GPT, GPT_PRESETS
-from train_tokenizer import (Logger, _epoch_order, all_reduce, barrier, batch_and_precision, cleanup_distributed,
-                             load_checkpoint, make_dataset, parse_config, save_checkpoint, setup_distributed)
 
 
 @dataclass
 class ARConfig:
     tokenizer: str = "out/tokenizer-toy/ckpt.pt"  # frozen tokenizer checkpoint (ours or an official GigaTok one)
-    data: str = "synthetic"      # "synthetic" (embedded, no download) or an ImageFolder root (see train_tokenizer.py)
+    data: str = "synthetic"      # "synthetic" (embedded, no download) or an ImageFolder root (see data.ImageFolder)
     gpt: str = ""                # AR model size (model.GPT_PRESETS); "" = toy, or gpt-b with --probe
     probe: bool = False          # AR probing (spec 5.4): GPT-B, lr 1e-4 held for 250k steps of a 1.5M-step WSD
     num_classes: int = 0         # use only the first N classes of the data (0 = all)
@@ -57,6 +58,7 @@ class ARConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    cfg_scale: float = -1.0      # the guidance scale sample.py uses for this model; -1 = the preset's (toy 2, paper 4)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
     compile: bool = False        # torch.compile the AR model
     device: str = ""             # "" = cuda, else mps, else cpu
@@ -70,23 +72,25 @@ class ARConfig:
 
 # Training defaults per AR size (spec 5.2; Detailed_instructions.md): global batch, warmup, steps = 300 epochs of
 # the official 5000 * 256 images. The official scripts give warmup 5000 for GPT-B and 200 for XXL; L and XL take B's.
-# The toy's numbers are ours: a high lr, and as many steps as ~11 CPU minutes allow (~0.33 s a step).
 AR_TRAIN_PRESETS = {
-    "toy":     dict(batch_size=32, warmup=50, max_steps=2000, lr=1e-3, per_class=100, log_interval=50,
-                    eval_interval=250, ckpt_interval=250),
     "gpt-b":   dict(batch_size=256, warmup=5000, max_steps=1_500_000),
     "gpt-l":   dict(batch_size=256, warmup=5000, max_steps=1_500_000),
     "gpt-xl":  dict(batch_size=256, warmup=5000, max_steps=1_500_000),
     "gpt-xxl": dict(batch_size=512, warmup=200, max_steps=750_000),
+    # ours: a high lr, as many steps as ~11 CPU minutes allow (~0.33 s a step), 100 images per class, and the
+    # guidance scale chosen by eye from sample grids at 1.5 to 7
+    "toy":     dict(batch_size=32, warmup=50, max_steps=2000, lr=1e-3, per_class=100, log_interval=50,
+                    eval_interval=250, ckpt_interval=250, cfg_scale=2.0),
 }
-PAPER_DEFAULTS = dict(lr=1e-4, per_class=0, log_interval=100, eval_interval=10_000, ckpt_interval=5000)
+PAPER_DEFAULTS = dict(lr=1e-4, per_class=0, log_interval=100, eval_interval=10_000, ckpt_interval=5000, cfg_scale=4.0)
 PROBE = dict(max_steps=250_000, schedule_steps=1_500_000, warmup=0)  # early-stopped in the hold phase (spec 5.4)
 
 
 def resolve(cfg):
     """cfg with every -1 / "" default filled from the size's training defaults (and the probing protocol)."""
     gpt = cfg.gpt or ("gpt-b" if cfg.probe else "toy")
-    assert gpt in AR_TRAIN_PRESETS, f"unknown --gpt {gpt!r}; known: {', '.join(AR_TRAIN_PRESETS)}"
+    if gpt not in AR_TRAIN_PRESETS:
+        raise SystemExit(f"unknown --gpt {gpt!r}; known: {', '.join(AR_TRAIN_PRESETS)}")
     p = {**PAPER_DEFAULTS, **AR_TRAIN_PRESETS[gpt], **(PROBE if cfg.probe else {})}
     fill = {k: v for k, v in p.items() if getattr(cfg, k) == -1}
     probe_dir = f"out/probe-{os.path.basename(os.path.dirname(os.path.abspath(cfg.tokenizer)))}"
@@ -104,7 +108,7 @@ def ten_crops(x, size):
     c = (S - size) // 2
     corners = [(0, 0), (0, S - size), (S - size, 0), (S - size, S - size), (c, c)]
     crops = torch.stack([x[..., i:i + size, j:j + size] for i, j in corners], dim=1)  # (B, 5, 3, size, size)
-    return torch.cat([crops, crops.flip(-1)], dim=1)
+    return torch.cat([crops, crops.flip(-1)], dim=1)                                   # (B, 10, 3, size, size)
 
 
 class CodeImages:
@@ -112,7 +116,7 @@ class CodeImages:
 
     def __init__(self, cfg, split, size, views):
         self.size, self.views = size, views
-        self.images = make_dataset(cfg.data, split, int(size * 1.1) if views == 10 else size,  # center crops
+        self.images = data.make_dataset(cfg.data, split, int(size * 1.1) if views == 10 else size,  # center crops
                                    num_classes=cfg.num_classes, per_class=cfg.per_class if split == "train" else 0)
         self.classes = self.images.classes
 
@@ -137,10 +141,10 @@ def build_code_cache(tok, images, folder, views, batch, rank, world, device):
     os.makedirs(folder, exist_ok=True)
     codes_path = os.path.join(folder, "codes.npy")
     labels_path = os.path.join(folder, "labels.npy")
-    if rank == 0:
+    if rank == 0:  # the files at their full size first: every process then writes its own rows into them
         np.lib.format.open_memmap(codes_path, "w+", code_dtype(tok.cfg.codebook_size), (n, views, N)).flush()
         np.lib.format.open_memmap(labels_path, "w+", np.int64, (n,)).flush()
-    barrier()  # every process has read the old meta.json (if any) by now: it goes, and comes back when complete
+    runtime.barrier()  # every process has read the old meta.json (if any) by now: it goes, and comes back when complete
     if rank == 0 and os.path.exists(os.path.join(folder, "meta.json")):
         os.remove(os.path.join(folder, "meta.json"))
     codes, labels = np.load(codes_path, mmap_mode="r+"), np.load(labels_path, mmap_mode="r+")
@@ -153,13 +157,12 @@ def build_code_cache(tok, images, folder, views, batch, rank, world, device):
         labels[idx] = [int(y) for _, y in items]
     codes.flush()
     labels.flush()
-    barrier()
+    runtime.barrier()
 
 
 def tokenizer_fingerprint(tok):
     """A short hash of the weights that decide the codes' identity (first conv, codebook): a retrained or
     resumed tokenizer invalidates its code cache."""
-    import hashlib
     h = hashlib.sha1()
     for t in (tok.cnn_encoder.conv_in.weight, tok.quantizer.embedding.weight):
         h.update(t.detach().float().cpu().numpy().tobytes())
@@ -175,7 +178,7 @@ def code_cache(tok, cfg, split, views, rank, world, device):
     made_by = dict(fingerprint=tokenizer_fingerprint(tok), data=cfg.data, num_classes=cfg.num_classes,
                    per_class=cfg.per_class if split == "train" else 0, views=views)
     meta_path = os.path.join(folder, "meta.json")
-    meta = read_json(meta_path) if os.path.exists(meta_path) else None
+    meta = runtime.read_json(meta_path) if os.path.exists(meta_path) else None
     if meta is not None and all(meta.get(k) == v for k, v in made_by.items()):
         if rank == 0:
             print(f"reusing the code cache {folder}")
@@ -185,9 +188,9 @@ def code_cache(tok, cfg, split, views, rank, world, device):
         images = CodeImages(cfg, split, tok.cfg.image_size, views)
         build_code_cache(tok, images, folder, views, cfg.encode_batch, rank, world, device)
         if rank == 0:  # written last: marks the cache complete
-            write_json(meta_path, dict(made_by, tokenizer=os.path.abspath(cfg.tokenizer), classes=images.classes))
-        barrier()
-        meta = read_json(meta_path)
+            runtime.write_json(meta_path, dict(made_by, tokenizer=os.path.abspath(cfg.tokenizer), classes=images.classes))
+        runtime.barrier()
+        meta = runtime.read_json(meta_path)
     codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
     return codes, np.load(os.path.join(folder, "labels.npy")), meta["classes"]
 
@@ -205,17 +208,9 @@ def unigram_entropy(codes, vocab_size, chunk=4096):
 # Optimisation
 
 def get_lr(step, cfg):
-    """Official WSD: linear warmup from lr/100, hold, then lr * (1 - sqrt(progress)) over the last decay_frac.
-    Cosine: the same warmup, then half a cosine to 0."""
+    """The official WSD schedule (or a cosine, --schedule cosine) laid out over schedule_steps (default max_steps)."""
     total = cfg.schedule_steps if cfg.schedule_steps > 0 else cfg.max_steps
-    if step < cfg.warmup:
-        return cfg.lr / 100 + (cfg.lr - cfg.lr / 100) * step / cfg.warmup
-    if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
-    assert cfg.schedule == "wsd", f"unknown schedule {cfg.schedule!r}; known: wsd, cosine"
-    decay = int(cfg.decay_frac * total)
-    hold = total - decay
-    return cfg.lr if step < hold else cfg.lr * max(0.0, 1 - math.sqrt((step - hold) / decay))
+    return runtime.get_lr(step, cfg.lr, cfg.warmup, total, schedule=cfg.schedule, decay_frac=cfg.decay_frac)
 
 
 def make_optimizer(gpt, cfg, device):
@@ -226,18 +221,16 @@ def make_optimizer(gpt, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def batch_of(step, k, b, rank, world, cfg, codes, labels):
-    """Micro-batch k (of b codes) of one process, a pure function of (step, k, rank): the images walk through
-    per-epoch permutations (the stream of train_tokenizer.TrainBatches), and each access draws one of the
-    views. Resumed runs see the same batches."""
+def code_batch(codes, labels, start, size, seed):
+    """The sequences at stream positions start .. start+size-1 (the stream of data.TrainBatches, over the images of
+    the code cache), each access drawing one of the views: a pure function of (seed, start), so a resumed run sees
+    the same batches. codes (n, views, N) -> (codes (size, N), labels (size,))."""
     n, views = codes.shape[:2]
-    start = ((step * cfg.grad_accum + k) * world + rank) * b
-    pos = range(start, start + b)
-    idx = np.array([_epoch_order(n, p // n, cfg.seed)[p % n] for p in pos])
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
-    view = torch.randint(views, (b,), generator=g).numpy()
+    idx = data.stream_indices(n, start, size, seed)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+    view = torch.randint(views, (size,), generator=g).numpy()
     order = np.argsort(idx)                      # memory-mapped reads in increasing order
-    x = np.empty((b, codes.shape[2]), np.int64)
+    x = np.empty((size, codes.shape[2]), np.int64)
     x[order] = codes[idx[order], view[order]]
     return torch.from_numpy(x), torch.from_numpy(labels[idx])
 
@@ -248,15 +241,27 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
     gpt.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of codes)
     for s in range(rank * batch, len(codes), world * batch):
-        x = torch.from_numpy(codes[s:s + batch, 0].astype(np.int64)).to(device)
+        x = torch.from_numpy(codes[s:s + batch, 0].astype(np.int64)).to(device)      # (B, N)
         y = torch.from_numpy(labels[s:s + batch]).to(device)
         with autocast:
-            logits = gpt(x, y)
+            logits = gpt(x, y)                                                         # (B, N, vocab)
         stats[0] += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").double()
         stats[1] += x.numel()
-    all_reduce(stats)
+    runtime.all_reduce(stats)
     gpt.train()
     return (stats[0] / stats[1]).item()
+
+
+def print_summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy):
+    subset = f" (the preset's subset: {cfg.per_class} per class; --per-class 0 for all)" if cfg.per_class else ""
+    print(f"AR {cfg.gpt}: {runtime.count(gpt) / 1e6:.2f}M params; {gcfg.block_size} tokens of {gcfg.vocab_size} "
+          f"codes, {len(classes)} classes")
+    print(f"data {cfg.data}: {len(codes)} training images{subset} x {codes.shape[1]} views, {len(val_codes)} held "
+          f"out; {cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
+          f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
+          f"{cfg.warmup})" + (f"; resuming from step {step}" if step else ""))
+    print(f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
+          f"of the training codes {entropy:.3f}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -264,11 +269,10 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
 
 def main(cfg: ARConfig):
     cfg = resolve(cfg)
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = runtime.setup(cfg)
     master = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    micro, precision, autocast = batch_and_precision(cfg, world, device)
+    micro = runtime.micro_batch(cfg, world)
+    precision, autocast = runtime.autocast_for(cfg.precision, device)
     if not os.path.exists(cfg.tokenizer):
         raise SystemExit(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
                          f"for the toy), or pass --tokenizer <ours or an official GigaTok checkpoint>")
@@ -280,48 +284,29 @@ def main(cfg: ARConfig):
     fingerprint, tcfg = tokenizer_fingerprint(tok), tok.cfg
     del tok
 
-    # 2. the model, its optimizer, and the checkpoint to resume from
+    # 2. the model, its optimizer, and the checkpoint to continue from
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
                                num_classes=len(classes))
     torch.manual_seed(cfg.seed)
     gpt = GPT(gcfg).to(device)
     optimizer = make_optimizer(gpt, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    parts = dict(model=gpt, optimizer=optimizer)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path) and not cfg.fresh:
-        ckpt = load_checkpoint(ckpt_path, device)
-        if ckpt["config"]["tokenizer_fingerprint"] != fingerprint:
-            raise SystemExit(f"{ckpt_path} was trained on the codes of another tokenizer: pass --fresh or another --out-dir")
-        gpt.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    raw = gpt
-    if cfg.compile:
-        gpt = torch.compile(gpt)
-    if world > 1:
-        gpt = torch.nn.parallel.DistributedDataParallel(gpt, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save():
-        save_checkpoint(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                             config=dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes,
-                                         tokenizer_fingerprint=fingerprint)), ckpt_path)
-
+        step = runtime.resume(ckpt_path, parts, dict(tokenizer_fingerprint=fingerprint), asdict(cfg), master)
+    train = runtime.wrap(gpt, cfg, world, device)
+    config = dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes, tokenizer_fingerprint=fingerprint)
+    save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)
     entropy = unigram_entropy(codes, gcfg.vocab_size)
     if master:
-        print(f"AR {cfg.gpt}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params; {gcfg.block_size} tokens "
-              f"of {gcfg.vocab_size} codes, {len(classes)} classes")
-        print(f"data {cfg.data}: {len(codes)} training images x {codes.shape[1]} views, {len(val_codes)} held out; "
-              f"{cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
-              f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
-              f"{cfg.warmup})" + (f"; resuming from {ckpt_path}" if step else ""))
-        print(f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
-              f"of the training codes {entropy:.3f}")
+        print_summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy)
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
-    log = Logger(cfg.out_dir, master)
-    evaluate = lambda: validation_loss(raw, val_codes, val_labels, micro, rank, world, device, autocast)
+    log = runtime.Logger(cfg.out_dir, master)
+    evaluate = lambda: validation_loss(gpt, val_codes, val_labels, micro, rank, world, device, autocast)
     val = None
-    gpt.train()
+    train.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
     t0, start = time.time(), step
     while step < cfg.max_steps:
@@ -330,17 +315,14 @@ def main(cfg: ARConfig):
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout masks: a function of the step
         for k in range(cfg.grad_accum):
-            x, y = (t.to(device) for t in batch_of(step, k, micro, rank, world, cfg, codes, labels))
-            sync = k == cfg.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else gpt.no_sync()), autocast:
-                logits = gpt(x, y)                                              # (B, N, vocab), fp32
-                loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())      # logits[:, i] predicts x[:, i]
+            position = ((step * cfg.grad_accum + k) * world + rank) * micro        # in the stream of sequences
+            x, y = (t.to(device) for t in code_batch(codes, labels, position, micro, cfg.seed))  # (B, N), (B,)
+            sync = k == cfg.grad_accum - 1 or world == 1                           # DDP: on the last micro-step
+            with (nullcontext() if sync else train.no_sync()), autocast:
+                logits = train(x, y)                                               # (B, N, vocab), fp32
+                loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
             scaler.scale(loss / cfg.grad_accum).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)
         step += 1
         bar.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -356,20 +338,9 @@ def main(cfg: ARConfig):
     if master:
         print(f"validation cross-entropy {val:.4f} nats per code at step {step} (unigram entropy of the training "
               f"codes {entropy:.4f}, log(vocab) {math.log(gcfg.vocab_size):.4f}); checkpoint {ckpt_path}")
-    cleanup_distributed()
+    runtime.cleanup_distributed()
     return dict(val_loss=val, code_entropy=entropy, step=step)
 
 
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 if __name__ == "__main__":
-    main(parse_config(ARConfig()))
+    main(runtime.parse_config(ARConfig()))
