@@ -31,12 +31,12 @@ def pixel_values(x):
 
 def to_uint8(x):
     """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy array, the PNG layout (see pixel_values)."""
-    return pixel_values(x).permute(0, 2, 3, 1).cpu().numpy()
+    return pixel_values(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, 3, H, W) -> (B, H, W, 3)
 
 
 def to_tensor(img):
     """(H, W, 3) uint8 array or RGB PIL image -> (3, H, W) float in [-1, 1]"""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()  # (H, W, 3) -> (3, H, W)
     return a / 127.5 - 1
 
 
@@ -44,6 +44,7 @@ def psnr(a, b):
     """PSNR in dB of uint8 images (numpy arrays or tensors, any layout): one image -> float, a batch (B, ...) ->
     (B,) float64 numpy, one per image. Computed in float64 on the CPU, which is exact for uint8 values: equals
     skimage.metrics.peak_signal_noise_ratio (data range 255), and inf for identical images."""
+    # exact: integers
     a, b = (torch.as_tensor(np.asarray(t.cpu() if torch.is_tensor(t) else t)).double() for t in (a, b))
     assert a.shape == b.shape, (a.shape, b.shape)
     single = a.ndim == 3
@@ -54,7 +55,7 @@ def psnr(a, b):
 
 def image_grid(rows):
     """rows: a list of (n, H, W, 3) uint8 arrays -> one (len(rows) * H, n * W, 3) array, rows top to bottom."""
-    return np.concatenate([np.concatenate(list(row), 1) for row in rows], 0)
+    return np.concatenate([np.concatenate(list(row), 1) for row in rows], 0)  # images side by side, rows stacked
 
 # -----------------------------------------------------------------------------------------------------------
 # The synthetic set: 10 classes of shapes and patterns, drawn on demand at any resolution (no download).
@@ -67,11 +68,11 @@ SYNTHETIC_SIZES = {"train": 10000, "val": 500}  # images per split (classes bala
 
 def _star_radius(alpha, outer=1.0, inner=0.45):
     """Radius of a five-pointed star's outline at angle alpha in [0, 36 deg] from an outer vertex."""
-    a = np.array([outer, 0.0])
-    b = inner * np.array([np.cos(np.pi / 5), np.sin(np.pi / 5)])
+    a = np.array([outer, 0.0])  # the outer vertex, on the x axis
+    b = inner * np.array([np.cos(np.pi / 5), np.sin(np.pi / 5)])  # the inner vertex, 36 degrees on
     e = b - a
     cross = lambda u, v: u[0] * v[1] - u[1] * v[0]
-    return cross(a, e) / (np.cos(alpha) * e[1] - np.sin(alpha) * e[0])
+    return cross(a, e) / (np.cos(alpha) * e[1] - np.sin(alpha) * e[0])  # where the ray at alpha meets edge a -> b
 
 
 # Flat colours and centred, nearly upright shapes: simple enough that the toy AR model learns the classes in a few
@@ -86,7 +87,7 @@ def render_synthetic(index, split, size, seed=0):
     have random frequency, stripes and dots random orientation. A pure function of (seed, split, index); drawn at
     `size` directly (edges anti-aliased to one pixel), so any resolution works."""
     label = index % len(SYNTHETIC_CLASSES)
-    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])  # one generator per image
     t = (np.arange(size) + 0.5) / size * 2 - 1                 # pixel centers in [-1, 1]
     px = 2.0 / size                                            # one pixel in these units
     X, Y = np.meshgrid(t, -t)                                  # (S, S) each, y up
@@ -131,25 +132,8 @@ def render_synthetic(index, split, size, seed=0):
         qu, qv = np.mod(u, period) - period / 2, np.mod(v, period) - period / 2
         d = np.hypot(qu, qv) - rng.uniform(0.25, 0.35) * period
     mask = np.clip(0.5 - d / px, 0, 1)[..., None]              # anti-aliased coverage
-    img = bg * (1 - mask) + fg * mask
+    img = bg * (1 - mask) + fg * mask  # (S, S, 3) floats in [0, 1]
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
-
-
-def pixel_values(x):
-    """Float images in [-1, 1] -> uint8 tensor of the same shape and device, rounded as the official code saves PNGs
-    (127.5 x + 128, clamped, truncated: +128, not +127.5). Every PNG and pixel metric of the project uses this."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
-
-
-def to_uint8(x):
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy array, the PNG layout (see pixel_values)."""
-    return pixel_values(x).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def to_tensor(img):
-    """(H, W, 3) uint8 array or RGB PIL image -> (3, H, W) float in [-1, 1]"""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return a / 127.5 - 1
 
 
 class SyntheticImages:
@@ -163,21 +147,21 @@ class SyntheticImages:
         self.num_classes = min(num_classes or k, k)
         self.classes = SYNTHETIC_CLASSES[:self.num_classes]
         n = SYNTHETIC_SIZES[split]
-        idx = [i for i in range(n) if i % k < self.num_classes]
+        idx = [i for i in range(n) if i % k < self.num_classes]  # class = index % 10
         if per_class:
-            idx = [i for i in idx if i // k < per_class]
+            idx = [i for i in idx if i // k < per_class]  # the first per_class images of each class
         self.index = idx
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, i):
-        img, y = render_synthetic(self.index[i], self.split, self.size, self.seed)
+        img, y = render_synthetic(self.index[i], self.split, self.size, self.seed)  # (S, S, 3) uint8, drawn now
         return to_tensor(img), y
 
     def train_item(self, i, rng):
         x, y = self[i]
-        return (x.flip(-1) if rng.uniform() < 0.5 else x), y
+        return (x.flip(-1) if rng.uniform() < 0.5 else x), y  # a horizontal flip half of the time
 
 
 
@@ -191,15 +175,15 @@ _unreadable = [0]  # images this process could not decode
 def resize_short_side(img, s):
     """Resize so that the short side is s: halve with BOX while the image is >= 2x too big, then BICUBIC
     (as the official center_crop_arr / random_crop_arr)."""
-    while min(img.size) >= 2 * s:
+    while min(img.size) >= 2 * s:  # BOX halving first: cheap, and alias-free
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = s / min(img.size)
-    return img.resize(tuple(max(s, round(x * scale)) for x in img.size), resample=Image.BICUBIC)
+    return img.resize(tuple(max(s, round(x * scale)) for x in img.size), resample=Image.BICUBIC)  # short side exactly s
 
 
 def center_crop(img, s):
     img = resize_short_side(img, s)
-    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2  # the centered s x s window
     return img.crop((left, top, left + s, top + s))
 
 
@@ -208,7 +192,7 @@ def random_crop(img, s, rng):
     [s, 1.25 s] (crop fraction 0.8-1), a random s x s crop, a horizontal flip half of the time."""
     img = resize_short_side(img, int(rng.integers(s, math.ceil(s * 1.25) + 1)))
     left, top = int(rng.integers(0, img.size[0] - s + 1)), int(rng.integers(0, img.size[1] - s + 1))
-    img = img.crop((left, top, left + s, top + s))
+    img = img.crop((left, top, left + s, top + s))  # (left, upper, right, lower)
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else img
 
 
@@ -220,6 +204,7 @@ class ImageFolder:
     first per_class images of each (sorted)."""
 
     def __init__(self, root, split, size, num_classes=0, per_class=0):
+        # the split: root/<split> if there is one, else a sibling train/ or val/, else every 20th image
         assert os.path.isdir(root), f"--data {root}: no such folder (or pass --data synthetic)"
         self.size = size
         base, held_out = root, None
@@ -230,20 +215,21 @@ class ImageFolder:
             base = os.path.join(os.path.dirname(os.path.normpath(root)), split)
         else:
             held_out = split == "val"
-        is_img = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)
+        is_img = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)  # by extension; a misnamed file fails in load()
         folders = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
         if not folders or any(is_img(e.name) for e in os.scandir(base)):
             folders = [""]                                      # flat: the folder is one class
-        folders = folders[:num_classes or None]
-        self.classes = [f or os.path.basename(os.path.normpath(base)) for f in folders]
+        folders = folders[:num_classes or None]  # a classroom subset: the first classes, sorted
+        self.classes = [f or os.path.basename(os.path.normpath(base)) for f in folders]  # a flat folder's class: its name
         self.samples = []
         for label, f in enumerate(folders):
             top = os.path.join(base, f)
             files = sorted(os.path.join(d, n) for d, _, names in os.walk(top) for n in names if is_img(n)) \
                 if f else sorted(os.path.join(base, n) for n in os.listdir(base) if is_img(n))
             if held_out is not None:
+                # 5% held out, the same files every run
                 files = [p for j, p in enumerate(files) if (j % 20 == 19) == held_out]
-            self.samples += [(p, label) for p in files[:per_class or None]]
+            self.samples += [(p, label) for p in files[:per_class or None]]  # (path, class index) pairs
         assert self.samples, f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}"
 
     def __len__(self):
@@ -264,11 +250,11 @@ class ImageFolder:
 
     def __getitem__(self, i):
         img, y = self.load(i)
-        return to_tensor(center_crop(img, self.size)), y
+        return to_tensor(center_crop(img, self.size)), y  # the evaluation view: (3, S, S)
 
     def train_item(self, i, rng):
         img, y = self.load(i)
-        return to_tensor(random_crop(img, self.size, rng)), y
+        return to_tensor(random_crop(img, self.size, rng)), y  # the training view: (3, S, S)
 
 
 
@@ -277,9 +263,9 @@ class ImageFolder:
 
 def make_dataset(data, split, size, seed=0, num_classes=0, per_class=0):
     """data: "synthetic" or an ImageFolder root; split: "train" or "val"; size: image side in pixels."""
-    if data == "synthetic":
+    if data == "synthetic":  # drawn on demand: no files, any resolution
         return SyntheticImages(split, size, seed, num_classes, per_class)
-    return ImageFolder(data, split, size, num_classes, per_class)
+    return ImageFolder(data, split, size, num_classes, per_class)  # a folder of photos (ImageNet's layout, or flat)
 
 
 @functools.lru_cache(maxsize=2)
@@ -315,7 +301,9 @@ class TrainBatches(torch.utils.data.Dataset):
 def train_batches(dataset, batch, rank=0, world=1, seed=0, start=0, num_workers=0):
     """Iterator over this process's micro-batches k = start, start + 1, ... (see TrainBatches), loaded by
     num_workers background processes."""
+    # each item is a whole batch
     return iter(torch.utils.data.DataLoader(TrainBatches(dataset, batch, rank, world, seed), batch_size=None,
+                                            # k = start, start+1, ...
                                             sampler=itertools.count(start), num_workers=num_workers,
                                             pin_memory=torch.cuda.is_available(),
                                             persistent_workers=num_workers > 0))

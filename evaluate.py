@@ -55,6 +55,7 @@ def ssim(a, b, data_range=255.0, win=7, k1=0.01, k2=0.03):
     image (skimage filters with reflection, then crops (win - 1) / 2 pixels, which leaves exactly those),
     then over channels. Float64 throughout."""
     a, b, single = _pair(a, b)
+    # SSIM compares local means, variances and the covariance over every 7x7 window
     x = torch.from_numpy(a).reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)  # (B, 3, H, W)
     y = torch.from_numpy(b).reshape(-1, *b.shape[-3:]).permute(0, 3, 1, 2)
     mean = lambda t: F.avg_pool2d(t, win, stride=1)                          # the valid windows only
@@ -63,7 +64,7 @@ def ssim(a, b, data_range=255.0, win=7, k1=0.01, k2=0.03):
     vx = cov_norm * (mean(x * x) - mx * mx)
     vy = cov_norm * (mean(y * y) - my * my)
     vxy = cov_norm * (mean(x * y) - mx * my)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2  # stabilizers for flat windows
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     out = s.mean((2, 3)).mean(1).numpy()                                      # per channel, then over channels
     return float(out[0]) if single else out
@@ -80,8 +81,8 @@ INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
 class BasicConv2d(nn.Module):
     def __init__(self, cin, cout, k, stride=1, pad=0):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, pad, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+        self.conv = nn.Conv2d(cin, cout, k, stride, pad, bias=False)  # the batch norm carries the bias
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)  # TensorFlow's epsilon
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
@@ -124,8 +125,8 @@ class Mixed(nn.Module):
         elif self.pool == "max":
             outs.append(self.branch_pool(F.max_pool2d(x, 3, 1, 1)))
         else:
-            outs.append(F.max_pool2d(x, 3, 2))
-        return torch.cat(outs, 1)
+            outs.append(F.max_pool2d(x, 3, 2))  # the reduction blocks: a stride-2 pool, no conv
+        return torch.cat(outs, 1)  # (B, sum of the branch widths, h, w)
 
 
 def inception_a(cin, pool_ch):  # 35x35
@@ -212,7 +213,7 @@ def load_inception(path=None, device="cpu"):
     net = InceptionV3()
     sd = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
           if not k.endswith("num_batches_tracked")}
-    sd.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
+    sd.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})  # ours, kept as is
     net.load_state_dict(sd, strict=True)
     return net.eval().to(device)
 
@@ -233,11 +234,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
     def trace_sqrt_product(s1, s2):
         w, v = np.linalg.eigh((s1 + s1.T) / 2)
+        # the symmetric square root from the eigen-decomposition S1 = V diag(w) V^T
         a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                 # S1^(1/2)
         m = a @ s2 @ a
         return np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
 
     diff = mu1 - mu2
+    # the Frechet distance of two Gaussians
     d = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)
     if not np.isfinite(d):
         offset = np.eye(len(mu1)) * eps
@@ -255,14 +258,14 @@ def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) over `splits` equal chunks (the remainder is dropped, as the original code
     does) -> (mean, std) over the chunks. logits: (n, 1008)."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    logp = torch.log_softmax(logits, 1)
+    logp = torch.log_softmax(logits, 1)  # (n, 1008) log p(y|x)
     splits = min(splits, len(logp))                                      # tiny test sets: one image per chunk
     n = len(logp) // splits
     scores = []
     for k in range(splits):
         part = logp[k * n:(k + 1) * n]                                  # (n, C) log p(y|x)
         log_py = torch.logsumexp(part, 0) - math.log(len(part))          # (C,) log p(y) of this chunk
-        kl = (part.exp() * (part - log_py)).sum(1).mean()
+        kl = (part.exp() * (part - log_py)).sum(1).mean()  # E_x KL(p(y|x) || p(y))
         scores.append(float(kl.exp()))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -305,7 +308,7 @@ def gather_rows(x, world):
     """(n_rank, ...) numpy array on every rank -> all ranks' rows concatenated (rank-major order)."""
     if world == 1:
         return x
-    parts = [None] * world
+    parts = [None] * world  # every rank's rows, filled in rank order
     dist.all_gather_object(parts, x)
     return np.concatenate(parts)
 
@@ -372,6 +375,7 @@ def image_set_features(net, images, batch, device, rank, world, desc):
         p, l = inception_features(net, images.rows(i, min(i + batch, hi)), batch, device)
         pools.append(p.astype(np.float32))
         logits.append(l.astype(np.float32))
+    # a rank with no rows sends an empty block
     pools = np.concatenate(pools) if pools else np.zeros((0, 2048), np.float32)
     logits = np.concatenate(logits) if logits else np.zeros((0, 1008), np.float32)
     return gather_rows(pools, world), gather_rows(logits, world)
@@ -390,7 +394,7 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
     images = ImageSet(ref)
     if "pool" not in stored and images.has_images:
         pool, _ = image_set_features(net, images, batch, device, rank, world, f"reference {os.path.basename(ref)}")
-        stored["pool"] = pool
+        stored["pool"] = pool  # (n, 2048) Inception features of the reference images
         if "mu" not in stored:
             stored["mu"], stored["sigma"] = feature_stats(pool)
         if rank == 0:
@@ -411,21 +415,22 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
     reconstruction unclamped; usage counts distinct codes over the whole set; rFID compares the Inception
     statistics of the reconstructions with those of the same originals."""
     n = min(len(dataset), cfg.num_images or len(dataset))
-    lo, hi = shard(n, rank, world)
+    lo, hi = shard(n, rank, world)  # this rank's contiguous block of images
     sums = torch.zeros(3, dtype=torch.float64)                              # psnr, ssim, lpips
     used = torch.zeros(tok.cfg.codebook_size, dtype=torch.bool)
     feats = {"orig": [], "recon": []}
     grid = None
     for i in tqdm(range(lo, hi, cfg.batch_size), desc="reconstructing", disable=rank != 0):
         x = torch.stack([dataset[j][0] for j in range(i, min(i + cfg.batch_size, hi))]).to(device)
+        # through the codes, as the official evaluation: encode -> indices -> decode
         codes = tok.encode(x)                                               # (B, N)
         recon = tok.decode(codes).float()                                   # (B, 3, H, W), unclamped
         orig8, recon8 = to_uint8(x), to_uint8(recon)
         sums[0] += psnr(orig8, recon8).sum()
-        sums[1] += ssim(orig8, recon8).sum()
+        sums[1] += ssim(orig8, recon8).sum()  # per-image SSIM, summed
         if lpips is not None:
             sums[2] += lpips(x, recon).double().sum().cpu()
-        used[codes.flatten().cpu()] = True
+        used[codes.flatten().cpu()] = True  # (K,) codes seen anywhere in the set
         if inception is not None:
             feats["orig"].append(inception_features(inception, orig8, len(orig8), device)[0])
             feats["recon"].append(inception_features(inception, recon8, len(recon8), device)[0])
@@ -439,7 +444,7 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
     out.update(codebook_usage=float(used.float().mean()), codes_used=int(used.sum()))
     if inception is not None:
         orig, recon = (gather_rows(np.concatenate(feats[k]), world) for k in ("orig", "recon"))
-        out["rfid"] = frechet_distance(*feature_stats(orig), *feature_stats(recon))
+        out["rfid"] = frechet_distance(*feature_stats(orig), *feature_stats(recon))  # the same images, before and after
     if rank == 0 and grid is not None:
         from PIL import Image
         out["grid"] = os.path.join(out_dir, "reconstructions.png")
@@ -458,6 +463,7 @@ def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir
         name = os.path.splitext(os.path.basename(os.path.normpath(ref)))[0]
         stats = reference_stats(ref, inception, cfg.batch_size, device, rank, world,
                                 os.path.join(out_dir, f"ref-{name}-inception.npz"))
+        # samples vs the reference batch
         out["gfid"] = frechet_distance(*feature_stats(pool), stats["mu"], stats["sigma"])
         if "pool" in stats:
             out["precision"], out["recall"] = precision_recall(stats["pool"], pool, k=3, device=device)
@@ -478,7 +484,7 @@ def probe_features(gpt, codes, batch=64, device="cpu"):
         c = torch.as_tensor(codes[i:i + batch]).long().to(device)
         null = torch.full((len(c),), gpt.cfg.num_classes, dtype=torch.long, device=device)
         h = gpt(c, null, hidden_layer=gpt.cfg.n_layer // 2)                 # (B, N, dim)
-        feats.append(h.float().mean(1).cpu())
+        feats.append(h.float().mean(1).cpu())  # (B, dim): the mean over all N positions
     return torch.cat(feats)
 
 
@@ -488,11 +494,12 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
     to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9 instead of LARS."""
     g = torch.Generator().manual_seed(seed)
     dim = train_x.shape[1]
+    # the official probe head
     probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
     with torch.no_grad():
         nn.init.trunc_normal_(probe[1].weight, std=0.01, generator=g)
         probe[1].bias.zero_()
-    peak = lr * batch / 256
+    peak = lr * batch / 256  # the linear scaling rule
     opt = torch.optim.SGD(probe.parameters(), lr=peak, momentum=0.9, weight_decay=0)
     steps_per_epoch = math.ceil(len(train_x) / batch)
     total, warmup = epochs * steps_per_epoch, epochs * steps_per_epoch // 9
@@ -545,11 +552,11 @@ def pca_picture(tok, x, path):
     B, L, C = f.shape
     g = math.isqrt(L)
     flat = f.reshape(-1, C)
-    flat = flat - flat.mean(0)
+    flat = flat - flat.mean(0)  # centered (B*g*g, C) features of all images together
     _, vecs = torch.linalg.eigh(flat.T @ flat)                             # ascending eigenvalues
     proj = flat @ vecs[:, -3:].flip(1)                                      # (B*g*g, 3): components 1, 2, 3
-    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values + 1e-12)
-    maps = proj.reshape(B, g, g, 3).permute(0, 3, 1, 2).float()
+    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values + 1e-12)  # each component to [0, 1]
+    maps = proj.reshape(B, g, g, 3).permute(0, 3, 1, 2).float()  # (B, 3, g, g): one RGB pixel per grid cell
     maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest")          # (B, 3, H, W) in [0, 1]
     top = to_uint8(x)
     bottom = (maps * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -615,7 +622,7 @@ def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
         f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
         feats[split] = (torch.from_numpy(gather_rows(f, world)), torch.from_numpy(labels))
     if rank != 0:
-        return None
+        return None  # the other ranks have sent their features
     acc = train_linear_probe(*feats["train"], *feats["val"], gpt.cfg.num_classes, cfg.probe_epochs,
                              cfg.probe_lr, cfg.probe_batch, cfg.seed)
     return dict(data=used, layer=gpt.cfg.n_layer // 2, train_images=len(feats["train"][0]),

@@ -646,20 +646,20 @@ def identity_init(tok):
     upsampling convs whose four sub-pixels start equal (ICNR: nearest-neighbour upsampling)."""
     for m in tok.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.reset_parameters()
+            m.reset_parameters()  # torch's default: kaiming-uniform weights, small uniform biases
     for m in tok.modules():
         ends = [m.conv2] if isinstance(m, ResnetBlock) else []
         if isinstance(m, (ViTLayer, QFormerLayer)):
-            ends = [a.out_proj for a in m.children() if isinstance(a, nn.MultiheadAttention)] + [m.mlp[-1]]
+            ends = [a.out_proj for a in m.children() if isinstance(a, nn.MultiheadAttention)] + [m.mlp[-1]]  # each branch's last layer
         for layer in ends:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         if isinstance(m, AdaptiveGroupNorm):
-            nn.init.ones_(m.gamma.bias)
+            nn.init.ones_(m.gamma.bias)  # gamma(std(z)) starts near 1: GroupNorm alone
         if isinstance(m, Upsample):
             with torch.no_grad():
                 w, b, C = m.conv.weight, m.conv.bias, m.conv.out_channels // 4  # (4C, C, 3, 3), sub-pixel major
-                w.copy_(w[:C].repeat(4, 1, 1, 1))
+                w.copy_(w[:C].repeat(4, 1, 1, 1))  # the four sub-pixels get the same filter
                 b.copy_(b[:C].repeat(4))
 
 
@@ -698,14 +698,14 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, x, y):  # (B, 3, H, W) in [-1, 1] twice -> (B,)
-        h = (torch.cat([x, y]) - self.shift) / self.scale
+        h = (torch.cat([x, y]) - self.shift) / self.scale  # (2B, 3, H, W), LPIPS's input scaling
         total = 0
         for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
             h = layer(h)
             if i in self.taps:
                 k = self.taps.index(i)
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fx, fy = f.chunk(2)
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length along the channels
+                fx, fy = f.chunk(2)  # the two images' features
                 total = total + self.lins[k](self.dropout((fx - fy) ** 2)).mean((1, 2, 3))
         return total
 
@@ -724,9 +724,10 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
             raise RuntimeError(f"could not load the {what} from {path or url} ({type(e).__name__}: {reason})") from None
     vgg = get(vgg_path, VGG16_URL, "VGG16 ImageNet weights")
     lin = get(lin_path, LPIPS_LIN_URL, "LPIPS linear heads")
+    # conv layers up to relu5_3
     sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS.taps[-1]}
     for i in range(5):
-        sd[f"lins.{i}.weight"] = lin[f"lin{i}.model.1.weight"]
+        sd[f"lins.{i}.weight"] = lin[f"lin{i}.model.1.weight"]  # (1, C, 1, 1) channel weights
     lpips.load_state_dict(sd, strict=True)
     return lpips
 
@@ -742,7 +743,7 @@ class PatchDiscriminator(nn.Module):
             stride = 2 if n < n_layers else 1
             layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
                        nn.LeakyReLU(0.2)]
-        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))  # one logit per patch
         self.main = nn.Sequential(*layers)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -815,6 +816,7 @@ def _state_dict_of(ckpt):
         config = ckpt.get("config")
     else:  # a bare state dict
         sd, config = ckpt, None
+    # prefixes a wrapped module adds to every name
     strip = lambda k: re.sub(r"^(module\.|_orig_mod\.)+", "", k)  # DDP / torch.compile wrappers
     return {strip(k): v for k, v in sd.items()}, (config if isinstance(config, dict) else None)
 
@@ -823,7 +825,7 @@ def _rename(sd, rules, layer_rules=()):
     """Official names -> ours. Returns {our name: (official name, tensor)}; the dropped ones are left out."""
     out = {}
     for name, t in sd.items():
-        if re.search(OFFICIAL_DROPPED, name):
+        if re.search(OFFICIAL_DROPPED, name):  # logs and caches, not weights
             continue
         new = name
         for pattern, repl in rules:
@@ -832,6 +834,7 @@ def _rename(sd, rules, layer_rules=()):
                 break
         for pattern, repl in layer_rules:
             new = re.sub(pattern, repl, new)
+        # positional tables: the official code keeps them sequence-first
         if new.split(".")[-1].startswith("pos") and t.dim() == 3:  # (L, 1, C) sequence-first -> (L, C)
             t = t.squeeze(1)
         if re.fullmatch(r"(quant_conv|post_quant_conv|encoder\.proj_out)\.weight", new) and t.dim() == 4:
@@ -845,7 +848,7 @@ def _overlay(cfg, config, section):
     there (train_ar.py writes {"gpt": ..., "train": ...}), else the top level. Fields not in cfg are ignored."""
     if not config:
         return cfg
-    sub = config.get(section) if isinstance(config.get(section), dict) else config
+    sub = config.get(section) if isinstance(config.get(section), dict) else config  # nested or flat
     fields = {f.name for f in dataclasses.fields(cfg)}
     return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items() if k in fields})
 
@@ -853,12 +856,13 @@ def _overlay(cfg, config, section):
 def _load_strict(model, named, source):
     """Fill every tensor of `model` from named = {our name: (name in the file, tensor)}, or raise listing the
     missing, unused and mis-shaped tensors."""
-    want = model.state_dict()
+    want = model.state_dict()  # what our module needs, name -> tensor
     missing = [k for k in want if k not in named]
     unused = [f"{orig}" for k, (orig, _) in named.items() if k not in want]
     wrong = [f"{orig} {tuple(t.shape)} (ours {k} {tuple(want[k].shape)})" for k, (orig, t) in named.items()
              if k in want and t.shape != want[k].shape]
     if missing or unused or wrong:
+        # the first 12 names
         show = lambda xs: ", ".join(xs[:12]) + (f", ... ({len(xs)} in all)" if len(xs) > 12 else "")
         raise ValueError(f"{source} checkpoint does not fit {type(model).__name__}({model.cfg}):"
                          + (f"\n  missing: {show(missing)}" if missing else "")
@@ -883,9 +887,9 @@ def _transformer_size(sd, prefix):
 def tokenizer_config_from_shapes(sd):
     """The architecture read off the tensor shapes (our names); the fields the shapes cannot tell (init, norm groups ...)
     come from the preset with that architecture."""
-    kind = "1d" if "encoder.pos_query" in sd else "2d"
+    kind = "1d" if "encoder.pos_query" in sd else "2d"  # only the Q-Former has latent queries
     ch = sd["cnn_encoder.conv_in.weight"].shape[0]
-    levels = _index_count(sd, "cnn_encoder.down.", 2)
+    levels = _index_count(sd, "cnn_encoder.down.", 2)  # CNN levels = len(ch_mult)
     head = sd.get("decoder.semantic_head.4.weight")
     arch = dict(kind=kind, encoder_size=_transformer_size(sd, "encoder"), decoder_size=_transformer_size(sd, "decoder"),
                 layer_type="vit" if kind == "2d" and "encoder.layers.0.cross_attn.in_proj_weight" not in sd else "detr",
@@ -896,7 +900,7 @@ def tokenizer_config_from_shapes(sd):
                 codebook_size=sd["quantizer.embedding.weight"].shape[0],
                 codebook_dim=sd["quantizer.embedding.weight"].shape[1],
                 teacher_dim=head.shape[0] if head is not None else 0)
-    arch["num_latent_tokens"] = sd["encoder.pos_query"].shape[0] if kind == "1d" else sd["encoder.pos"].shape[0]
+    arch["num_latent_tokens"] = sd["encoder.pos_query"].shape[0] if kind == "1d" else sd["encoder.pos"].shape[0]  # N
     for preset in TOKENIZER_PRESETS.values():  # the semantic head may have been stripped: not compared
         if all(getattr(preset, k) == v for k, v in arch.items() if k != "teacher_dim"):
             return dataclasses.replace(preset, **arch)
@@ -916,12 +920,12 @@ def load_tokenizer(path_or_state, device="cpu"):
     else:
         raise ValueError(f"not a tokenizer checkpoint; its first names: {list(sd)[:5]}")
     try:
-        cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
+        cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})  # our names, official tensors
     except KeyError as e:
         raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
     if source == "official GigaTok":  # not in the shapes: the official code has 32 groups and its own init
         cfg = dataclasses.replace(cfg, norm_groups=32, init="official")
-    cfg = _overlay(cfg, config, "tokenizer")
+    cfg = _overlay(cfg, config, "tokenizer")  # our checkpoints also carry their config
     return _load_strict(Tokenizer(cfg), named, source).to(device)
 
 
@@ -936,7 +940,7 @@ def load_gpt(path_or_state, device="cpu"):
         source, named = "our", {k: (k, t) for k, t in sd.items()}
     else:
         raise ValueError(f"not a class-conditional GPT checkpoint; its first names: {list(sd)[:5]}")
-    get = lambda k: named[k][1]
+    get = lambda k: named[k][1]  # the tensor under our name
     try:
         vocab, dim = get("tok_embeddings.weight").shape
         arch = dict(vocab_size=vocab, dim=dim, n_layer=_index_count(named, "layers.", 1),
@@ -944,6 +948,7 @@ def load_gpt(path_or_state, device="cpu"):
                     block_size=get("positional_embedding").shape[0] - 1)
     except KeyError as e:
         raise ValueError(f"{source} GPT checkpoint lacks {e} (the RoPE variant is not supported)") from None
+    # the heads come from here
     presets = [p for p in GPT_PRESETS.values() if (p.dim, p.n_layer) == (dim, arch["n_layer"])]
     cfg = dataclasses.replace(presets[0] if presets else GPTConfig(n_head=max(1, dim // 64)), **arch)
     cfg = _overlay(cfg, config, "gpt")

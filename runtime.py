@@ -10,6 +10,7 @@ both trainers share (the learning-rate schedule, resume, compile/DDP wrapping, t
     resume(path, parts, ...), wrap(model, ...), save_checkpoint(obj, path), optimizer_step(...)
     Logger(out_dir, master)(step, **numbers), write_json(path, obj), read_json(path)
 """
+import argparse
 import dataclasses
 import inspect
 import json
@@ -34,85 +35,73 @@ import model
 def field_help(cls):
     """{field name: the comment after it in the class source (and comment-only lines right below it)}"""
     try:
-        lines = inspect.getsource(cls).splitlines()
+        lines = inspect.getsource(cls).splitlines()  # the dataclass's own source lines
     except (OSError, TypeError):
         return {}
     out, last = {}, None
     for line in lines:
-        m = re.match(r"\s+(\w+)\s*:[^=#]+=[^#]*#\s?(.*)$", line)
+        m = re.match(r"\s+(\w+)\s*:[^=#]+=[^#]*#\s?(.*)$", line)  # "name: type = default  # comment"
         if m:
             last = m.group(1)
             out[last] = m.group(2).strip()
-        elif last and re.match(r"\s+#", line):
+        elif last and re.match(r"\s+#", line):  # a comment-only line continues the field's help
             out[last] += " " + line.strip().lstrip("#").strip()
         else:
             last = None
     return out
 
 
-def _convert(text, default, name):
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"--{name}: expected true or false, got {text!r}")
-    try:
-        if isinstance(default, tuple):
-            return tuple(type(default[0])(t) if default else t for t in text.split(","))
-        return type(default)(text)
-    except ValueError:
-        raise SystemExit(f"--{name}: expected a {type(default).__name__}, got {text!r}") from None
+def _field_type(default):
+    """argparse's type for a field: bools read true/false (yes/no, on/off, 1/0), tuples a comma-separated list."""
+    def convert(text):
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return text.lower() in ("1", "true", "yes", "on")
+            raise ValueError(text)
+        return tuple(type(default[0])(t) for t in text.split(",")) if isinstance(default, tuple) else type(default)(text)
+    convert.__name__ = "true/false" if isinstance(default, bool) else type(default).__name__  # named in errors
+    return convert
 
 
 def parse_config(cfg, argv=None):
-    """A copy of the dataclass instance `cfg` with the fields set on the command line (sys.argv by default)."""
+    """A copy of the dataclass instance `cfg` with the fields set on the command line (sys.argv by default).
+    A wrong flag or value is one line naming it, and exit status 2 (argparse's), before anything starts."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    names = [f.name for f in dataclasses.fields(cfg)]
-    updates, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            doc = field_help(type(cfg))
-            print(f"usage: {os.path.basename(sys.argv[0])} [--field-name value ...]   ({type(cfg).__name__})\n")
-            for n in names:
-                d = getattr(cfg, n)
-                shown = ",".join(map(str, d)) if isinstance(d, tuple) else d
-                print(f"  --{n.replace('_', '-'):<20} {type(d).__name__:<5} {str(shown)!r:<24} {doc.get(n, '')}")
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: flags look like --field-name value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        name = key.replace("-", "_")
-        if name not in names:
-            raise SystemExit(f"unknown flag --{key}; known: {' '.join('--' + n.replace('_', '-') for n in names)}")
-        default = getattr(cfg, name)
-        if not eq:
-            if isinstance(default, bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 == len(argv):
-                raise SystemExit(f"--{key} needs a value")
-            else:
-                i += 1
-                value = argv[i]
-        updates[name] = _convert(value, default, key)
-        i += 1
-    return dataclasses.replace(cfg, **updates)
+    # the field name's underscores become dashes in the flag; the value after = is kept as typed
+    argv = [a.split("=")[0].replace("_", "-") + a[len(a.split("=")[0]):] if a.startswith("--") else a
+            for a in argv]                                                  # --field_name is --field-name
+    doc = field_help(type(cfg))  # --help shows each field's comment from the dataclass source
+    # no abbreviations: a typo is an error
+    parser = argparse.ArgumentParser(usage="%(prog)s [--field-name value ...]", allow_abbrev=False,
+                                     description=f"Every field of {type(cfg).__name__} is a flag.")
+    for f in dataclasses.fields(cfg):
+        default = getattr(cfg, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}     # a bare --flag is true
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_type(default), default=default,
+                            metavar=type(default).__name__, help=f"{doc.get(f.name, '')} (default {shown})"
+                            .replace("%", "%%"), **bare)
+    # unknown flags and bad values exit here with status 2
+    return dataclasses.replace(cfg, **vars(parser.parse_args(argv)))
 
 # -----------------------------------------------------------------------------------------------------------
 # Processes and devices (nanoGPT's idiom): no RANK in the environment -> one plain process; under torchrun ->
 # one process per device, DDP over nccl (CUDA) or gloo (CPU). Multi-node is torchrun's business (--nnodes ...).
 
-def setup(cfg):
+def setup(cfg, tf32=False):
     """-> (rank, world size, device) for a config with `device` and `threads` fields. device "" picks cuda, then
     mps, then cpu. Under torchrun each process takes the GPU of its LOCAL_RANK (so the local rank is device.index).
-    threads > 0 sets torch's CPU threads (0 leaves torch's default: OMP_NUM_THREADS, or the cores it may use)."""
+    threads > 0 sets torch's CPU threads (0 leaves torch's default: OMP_NUM_THREADS, or the cores it may use).
+    tf32=True lets CUDA matmuls and convolutions use TF32 (the official trainers do)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = cfg.device or ("cuda" if torch.cuda.is_available() else
                             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
+    # set by torchrun
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
@@ -120,7 +109,7 @@ def setup(cfg):
     else:
         dev = torch.device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # gloo: CPU processes (the CI's tests)
     return rank, world, dev
 
 
@@ -143,7 +132,7 @@ def cleanup_distributed():
 
 def micro_batch(cfg, world):
     """The per-process micro-batch of the global cfg.batch_size: batch = world x grad_accum x micro."""
-    micro = cfg.batch_size // (world * cfg.grad_accum)
+    micro = cfg.batch_size // (world * cfg.grad_accum)  # images per process per micro-step
     if micro < 1 or micro * world * cfg.grad_accum != cfg.batch_size:
         raise SystemExit(f"--batch-size {cfg.batch_size} does not split into {world} processes x --grad-accum "
                          f"{cfg.grad_accum} micro-steps of at least one image each")
@@ -157,7 +146,7 @@ def autocast_for(precision, device):
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp16", "fp32"):
         raise SystemExit(f"--precision {precision!r}: auto, bf16, fp16 or fp32")
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=None)[precision]
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=None)[precision]  # fp32: no autocast at all
     return precision, (torch.autocast(device.type, dtype) if dtype else nullcontext())
 
 # -----------------------------------------------------------------------------------------------------------
@@ -169,14 +158,14 @@ def get_lr(step, lr, warmup, total, end_lr=0.0, schedule="cosine", decay_frac=0.
     tokenizer's, official cosine_v2) or WSD: hold lr, then lr * (1 - sqrt(progress)) over the last decay_frac
     of `total` (the AR model's, official)."""
     if step < warmup:
-        return lr / 100 + (lr - lr / 100) * step / warmup
+        return lr / 100 + (lr - lr / 100) * step / warmup  # linear from lr/100 to lr
     if schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 -> 1 after the warmup
         return end_lr + 0.5 * (lr - end_lr) * (1 + math.cos(math.pi * progress))
     if schedule != "wsd":
         raise SystemExit(f"--schedule {schedule!r}: wsd or cosine")
-    decay = int(decay_frac * total)
-    hold = total - decay
+    decay = int(decay_frac * total)  # WSD: the last decay_frac of the steps decay ...
+    hold = total - decay  # ... after a hold at the peak lr
     return lr if step < hold else lr * max(0.0, 1 - math.sqrt((step - hold) / decay))
 
 
@@ -192,18 +181,18 @@ def resume(path, parts, identity, train, master):
     lr ...) may change; the changed ones are named in a note. The checkpoint is read to CPU and freed here."""
     if not os.path.exists(path):
         return 0
-    ckpt = model.read_checkpoint(path)
+    ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
     for key, value in identity.items():
         if not same(ckpt["config"].get(key), value):
             raise SystemExit(f"{path} was made with another {key.replace('_', ' ')}: pass --fresh or another --out-dir")
     for key, part in parts.items():
-        part.load_state_dict(ckpt[key])
+        part.load_state_dict(ckpt[key])  # copies into the module's (device) tensors
     changed = {k: v for k, v in ckpt["config"].get("train", {}).items() if not same(v, train.get(k, v))}
     if changed and master:
         print("note: resuming with changed training settings: "
               + ", ".join(f"{k} {v} -> {train[k]}" for k, v in changed.items()))
-    step = ckpt["step"]
-    del ckpt
+    step = ckpt["step"]  # the run continues at step + 1; the batch stream is a function of the step
+    del ckpt  # nothing of the file outlives the resume
     return step
 
 
@@ -211,18 +200,25 @@ def wrap(net, cfg, world, device, find_unused=False):
     """The module to train with: `net` compiled (cfg.compile), then wrapped in DDP when there are several processes.
     Save and evaluate through `net` itself (its state dict has no wrapper prefixes)."""
     if cfg.compile:
-        net = torch.compile(net)
+        net = torch.compile(net)  # compiled module, same parameters (and state dict, but for a prefix)
     if world > 1:
+        # all-reduces gradients in backward
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None, find_unused_parameters=find_unused)
     return net
 
 
-def optimizer_step(optimizer, scaler, params, clip):
-    """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the norm."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    scaler.step(optimizer)
+def optimizer_step(optimizer, scaler, params, clip, average=False):
+    """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the norm.
+    average=True first averages the gradients over the processes (for a module that DDP does not wrap)."""
+    params = list(params)
+    if average and dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                all_reduce(p.grad).div_(dist.get_world_size())
+    scaler.unscale_(optimizer)  # fp16: the gradients back to their true scale before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # the total norm before clipping
+    scaler.step(optimizer)  # fp16: skipped if the gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -241,16 +237,23 @@ def save_checkpoint(obj, path):
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}"  # in the same folder, so the rename is atomic
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave half a file under path
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save(path, parts, **extra):
+    """The checkpoint of a run: the state dict of each of parts ({key: module or optimizer}) and the extra entries
+    (step, config ...), written by save_checkpoint."""
+    # plain dict, weights_only-readable
+    save_checkpoint(dict({k: p.state_dict() for k, p in parts.items()}, **extra), path)
 
 
 def write_json(path, obj):
@@ -274,17 +277,18 @@ class Logger:
         if master:
             os.makedirs(out_dir, exist_ok=True)
 
+    def say(self, text):  # a plain line, on the main process only
+        if self.master:
+            print(text)
+
     def __call__(self, step, **numbers):
         if not self.master:
             return
         fmt = lambda v: f"{v:.3e}" if isinstance(v, float) and 0 < abs(v) < 1e-3 else \
             f"{v:.4f}" if isinstance(v, float) else str(v)
+        # above the progress bar
         tqdm.write(f"step {step:>7d} | " + " | ".join(f"{k} {fmt(v)}" for k, v in numbers.items()))
         with open(self.path, "a") as f:
+            # one JSON object per line
             f.write(json.dumps(dict(step=step, time=round(time.time(), 3), **numbers)) + "\n")
 
-
-def save(path, parts, **extra):
-    """The checkpoint of a run: the state dict of each of parts ({key: module or optimizer}) and the extra entries
-    (step, config ...), written by save_checkpoint."""
-    save_checkpoint(dict({k: p.state_dict() for k, p in parts.items()}, **extra), path)

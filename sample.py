@@ -1,7 +1,8 @@
 """
 Class-conditional image generation: the AR model writes codes token by token, the tokenizer paints them.
 
-    python sample.py                                   # toy: a labelled grid, one row per class -> out/ar-toy/samples.png
+    # toy: a labelled grid, one row per class -> out/ar-toy/samples.png
+    python sample.py
     python sample.py --ckpt out/ar-gpt-b/ckpt.pt --cfg-scale 1.75 --cfg-schedule step --classes 207,360,387,974
     torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000   # PNGs + an .npz for FID (evaluate.py)
 
@@ -56,12 +57,12 @@ def guidance_scale(i, n, scale, schedule, step_start):
     if schedule == "constant" or i == 0:
         return scale
     assert schedule == "step", f"unknown cfg_schedule {schedule!r}; known: constant, step"
-    return scale if i / (n - 1) >= step_start else 1.0
+    return scale if i / (n - 1) >= step_start else 1.0  # no guidance for the first step_start of the codes
 
 
 def guide(logits, scale):
     """(2B, V) logits of [conditional; null class] -> (B, V) guided logits uncond + s * (cond - uncond)."""
-    cond, uncond = logits.chunk(2)
+    cond, uncond = logits.chunk(2)  # (B, V) each
     return uncond + scale * (cond - uncond)
 
 
@@ -71,14 +72,14 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:  # keep the smallest set of most likely codes whose probability reaches top_p
         sorted_logits, order = logits.sort(-1, descending=True)
         p = sorted_logits.softmax(-1)
         drop = p.cumsum(-1) - p > top_p                 # the mass before this code already exceeds top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    probs = logits.softmax(-1)
+    probs = logits.softmax(-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -90,8 +91,9 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
     assert not gpt.training, "generate needs gpt.eval() (train mode drops labels and applies dropout)"
     B, N = len(labels), gpt.cfg.block_size
     guided = cfg_scale != 1.0
+    # (2B,) [labels; null]
     cond = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
-    codes = labels.new_zeros(B, N)
+    codes = labels.new_zeros(B, N)  # (B, N), filled left to right
     if kv_cache:
         gpt.setup_cache(len(cond), N, device=labels.device)  # positions [class token, codes 0 .. N-2]
     try:
@@ -100,14 +102,15 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
                 logits = gpt.forward_cached(None, cond, 0)                    # (2B, 1, V): the class token
             elif kv_cache:
                 prev = codes[:, i - 1:i]
+                # the same code for both halves
                 logits = gpt.forward_cached(torch.cat([prev, prev]) if guided else prev, None, i)
             else:  # forward() reads codes[:, :i] and predicts code i at its last position; the last column is a dummy
                 x = codes[:, :i + 1]
                 logits = gpt(torch.cat([x, x]) if guided else x, cond)
-            logits = logits[:, -1].float()
+            logits = logits[:, -1].float()  # (2B or B, V): the next code's logits
             if guided:
                 logits = guide(logits, guidance_scale(i, N, cfg_scale, cfg_schedule, step_start))
-            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
     finally:
         if kv_cache:
             gpt.clear_cache()
@@ -120,7 +123,7 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
 def labelled_grid(rows, names, label_width=110):
     """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class name at left."""
     n, H, W, _ = rows[0].shape
-    grid = Image.new("RGB", (label_width + n * W, len(rows) * H), "white")
+    grid = Image.new("RGB", (label_width + n * W, len(rows) * H), "white")  # a white margin at left for the names
     grid.paste(Image.fromarray(image_grid(rows)), (label_width, 0))
     draw = ImageDraw.Draw(grid)
     for r, name in enumerate(names):
@@ -154,7 +157,7 @@ def main(cfg: SampleConfig):
     rank, world, device = runtime.setup(cfg)
     gpt, tok, names, cfg = load_models(cfg, device)
     autocast = runtime.autocast_for(cfg.precision, device)[1]
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # each process its own stream
     stats = dict(tokens=0, seconds=0.0)
 
     def images_for(labels):  # (B,) class ids -> (B, H, W, 3) uint8
@@ -181,8 +184,9 @@ def main(cfg: SampleConfig):
     else:  # num_samples images, classes uniformly at random (official), sharded over the processes
         out = cfg.out or os.path.splitext(cfg.ckpt)[0] + f"-samples-{cfg.num_samples}"
         os.makedirs(out, exist_ok=True)
+        # the same labels on every rank
         labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,), generator=torch.Generator().manual_seed(cfg.seed))
-        mine = list(range(rank, cfg.num_samples, world))
+        mine = list(range(rank, cfg.num_samples, world))  # this process's images
         for s in tqdm(range(0, len(mine), cfg.batch_size), desc="sampling", disable=rank != 0):
             idx = mine[s:s + cfg.batch_size]
             for i, img in zip(idx, images_for(labels_all[idx].to(device))):

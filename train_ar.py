@@ -105,7 +105,7 @@ def resolve(cfg):
 def ten_crops(x, size):
     """(B, 3, S, S) -> (B, 10, 3, size, size): four corners, the center, and the mirror image of each."""
     S = x.shape[-1]
-    c = (S - size) // 2
+    c = (S - size) // 2  # the center crop's offset
     corners = [(0, 0), (0, S - size), (S - size, 0), (S - size, S - size), (c, c)]
     crops = torch.stack([x[..., i:i + size, j:j + size] for i, j in corners], dim=1)  # (B, 5, 3, size, size)
     return torch.cat([crops, crops.flip(-1)], dim=1)                                   # (B, 10, 3, size, size)
@@ -129,7 +129,7 @@ class CodeImages:
 
 
 def code_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 2 ** 16 else np.int32
+    return np.uint16 if vocab_size <= 2 ** 16 else np.int32  # 16384 codes fit in 16 bits: half the disk
 
 
 @torch.no_grad()
@@ -147,12 +147,15 @@ def build_code_cache(tok, images, folder, views, batch, rank, world, device):
     runtime.barrier()  # every process has read the old meta.json (if any) by now: it goes, and comes back when complete
     if rank == 0 and os.path.exists(os.path.join(folder, "meta.json")):
         os.remove(os.path.join(folder, "meta.json"))
+    # shared files, no RAM copy
     codes, labels = np.load(codes_path, mmap_mode="r+"), np.load(labels_path, mmap_mode="r+")
-    mine = list(range(rank, n, world))
+    mine = list(range(rank, n, world))  # this process's images: every world-th
     for s in tqdm(range(0, len(mine), batch), desc=f"encoding {folder}", disable=rank != 0):
         idx = mine[s:s + batch]
         items = [images[i] for i in idx]
+        # V views of each image, encoded in one tokenizer call of b * V images
         x = torch.stack([x for x, _ in items]).to(device)                         # (b, V, 3, H, W)
+        # (b*V, N) -> (b, V, N)
         codes[idx] = tok.encode(x.flatten(0, 1)).view(len(idx), views, N).cpu().numpy().astype(codes.dtype)
         labels[idx] = [int(y) for _, y in items]
     codes.flush()
@@ -164,7 +167,7 @@ def tokenizer_fingerprint(tok):
     """A short hash of the weights that decide the codes' identity (first conv, codebook): a retrained or
     resumed tokenizer invalidates its code cache."""
     h = hashlib.sha1()
-    for t in (tok.cnn_encoder.conv_in.weight, tok.quantizer.embedding.weight):
+    for t in (tok.cnn_encoder.conv_in.weight, tok.quantizer.embedding.weight):  # the encoder's first layer and the codebook
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -177,7 +180,7 @@ def code_cache(tok, cfg, split, views, rank, world, device):
     folder = os.path.join(cfg.code_dir or os.path.join(os.path.dirname(cfg.tokenizer), f"codes-{data_name}{subset}"), split)
     made_by = dict(fingerprint=tokenizer_fingerprint(tok), data=cfg.data, num_classes=cfg.num_classes,
                    per_class=cfg.per_class if split == "train" else 0, views=views)
-    meta_path = os.path.join(folder, "meta.json")
+    meta_path = os.path.join(folder, "meta.json")  # written last: its presence marks a complete cache
     meta = runtime.read_json(meta_path) if os.path.exists(meta_path) else None
     if meta is not None and all(meta.get(k) == v for k, v in made_by.items()):
         if rank == 0:
@@ -191,7 +194,7 @@ def code_cache(tok, cfg, split, views, rank, world, device):
             runtime.write_json(meta_path, dict(made_by, tokenizer=os.path.abspath(cfg.tokenizer), classes=images.classes))
         runtime.barrier()
         meta = runtime.read_json(meta_path)
-    codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
+    codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")  # (n, views, N), read lazily
     return codes, np.load(os.path.join(folder, "labels.npy")), meta["classes"]
 
 
@@ -200,7 +203,7 @@ def unigram_entropy(codes, vocab_size, chunk=4096):
     counts = np.zeros(vocab_size, np.float64)
     for s in range(0, len(codes), chunk):  # in chunks: ImageNet's cache is 6.5 GB
         counts += np.bincount(np.asarray(codes[s:s + chunk]).ravel(), minlength=vocab_size)
-    p = counts[counts > 0] / counts.sum()
+    p = counts[counts > 0] / counts.sum()  # the empirical code distribution
     return float(-(p * np.log(p)).sum())
 
 
@@ -216,8 +219,8 @@ def get_lr(step, cfg):
 def make_optimizer(gpt, cfg, device):
     """AdamW with weight decay on the parameters of dim >= 2 (matrices, embeddings, position table) only."""
     params = [p for p in gpt.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),  # matrices, embeddings
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]  # norms' weights: no decay
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
@@ -226,9 +229,9 @@ def code_batch(codes, labels, start, size, seed):
     the code cache), each access drawing one of the views: a pure function of (seed, start), so a resumed run sees
     the same batches. codes (n, views, N) -> (codes (size, N), labels (size,))."""
     n, views = codes.shape[:2]
-    idx = data.stream_indices(n, start, size, seed)
+    idx = data.stream_indices(n, start, size, seed)  # (size,) image indices
     g = torch.Generator().manual_seed(seed * 1_000_003 + start)
-    view = torch.randint(views, (size,), generator=g).numpy()
+    view = torch.randint(views, (size,), generator=g).numpy()  # one of the ten crops per access
     order = np.argsort(idx)                      # memory-mapped reads in increasing order
     x = np.empty((size, codes.shape[2]), np.int64)
     x[order] = codes[idx[order], view[order]]
@@ -245,6 +248,7 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
         y = torch.from_numpy(labels[s:s + batch]).to(device)
         with autocast:
             logits = gpt(x, y)                                                         # (B, N, vocab)
+        # summed, then divided once
         stats[0] += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").double()
         stats[1] += x.numel()
     runtime.all_reduce(stats)
@@ -252,16 +256,17 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
     return (stats[0] / stats[1]).item()
 
 
-def print_summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy):
+def summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy):
+    """The start-up lines: the model, the data (and the subset a preset uses), the schedule, the reference losses."""
     subset = f" (the preset's subset: {cfg.per_class} per class; --per-class 0 for all)" if cfg.per_class else ""
-    print(f"AR {cfg.gpt}: {runtime.count(gpt) / 1e6:.2f}M params; {gcfg.block_size} tokens of {gcfg.vocab_size} "
-          f"codes, {len(classes)} classes")
-    print(f"data {cfg.data}: {len(codes)} training images{subset} x {codes.shape[1]} views, {len(val_codes)} held "
-          f"out; {cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
-          f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
-          f"{cfg.warmup})" + (f"; resuming from step {step}" if step else ""))
-    print(f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
-          f"of the training codes {entropy:.3f}")
+    return (f"AR {cfg.gpt}: {runtime.count(gpt) / 1e6:.2f}M params; {gcfg.block_size} tokens of {gcfg.vocab_size} "
+            f"codes, {len(classes)} classes\n"
+            f"data {cfg.data}: {len(codes)} training images{subset} x {codes.shape[1]} views, {len(val_codes)} held "
+            f"out; {cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
+            f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
+            f"{cfg.warmup})" + (f"; resuming from step {step}" if step else "") + "\n"
+            f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
+            f"of the training codes {entropy:.3f}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -282,12 +287,13 @@ def main(cfg: ARConfig):
     (codes, labels, classes), (val_codes, val_labels, _) = (
         code_cache(tok, cfg, split, views, rank, world, device) for split, views in (("train", 10), ("val", 1)))
     fingerprint, tcfg = tokenizer_fingerprint(tok), tok.cfg
-    del tok
+    del tok  # the tokenizer is not needed while the GPT trains
 
     # 2. the model, its optimizer, and the checkpoint to continue from
+    # the tokenizer decides vocab and length
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
                                num_classes=len(classes))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the GPT's init: a function of the seed
     gpt = GPT(gcfg).to(device)
     optimizer = make_optimizer(gpt, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -299,11 +305,10 @@ def main(cfg: ARConfig):
     config = dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes, tokenizer_fingerprint=fingerprint)
     save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)
     entropy = unigram_entropy(codes, gcfg.vocab_size)
-    if master:
-        print_summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy)
+    log = runtime.Logger(cfg.out_dir, master)
+    log.say(summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy))
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
-    log = runtime.Logger(cfg.out_dir, master)
     evaluate = lambda: validation_loss(gpt, val_codes, val_labels, micro, rank, world, device, autocast)
     val = None
     train.train()
@@ -321,7 +326,8 @@ def main(cfg: ARConfig):
             with (nullcontext() if sync else train.no_sync()), autocast:
                 logits = train(x, y)                                               # (B, N, vocab), fp32
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
-            scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()  # gradients accumulate over the micro-steps
+        # clip at 1.0 (official)
         grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)
         step += 1
         bar.update()

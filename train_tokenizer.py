@@ -98,10 +98,11 @@ def resolve(cfg):
     """cfg with every -1 / "" default filled from the preset's training defaults."""
     if cfg.size not in TRAIN_PRESETS:
         raise SystemExit(f"unknown --size {cfg.size!r}; known: {', '.join(TRAIN_PRESETS)}")
-    p = {**PAPER_DEFAULTS, **TRAIN_PRESETS[cfg.size]}
+    p = {**PAPER_DEFAULTS, **TRAIN_PRESETS[cfg.size]}  # the preset's values win over the paper defaults
     if "epochs" in p:
+        # e.g. S-S: 100 * 1.28M / 128 = 1.0M
         p["max_steps"] = p.pop("epochs") * IMAGENET_TRAIN_IMAGES // p["batch_size"]
-    fill = {k: v for k, v in p.items() if getattr(cfg, k) in (-1, "")}
+    fill = {k: v for k, v in p.items() if getattr(cfg, k) in (-1, "")}  # only the fields left at "the preset's"
     return dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/tokenizer-{cfg.size}", **fill)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -147,10 +148,10 @@ def load_frozen(what, load, flags, cfg, rank):
             return load(), None
         except Exception as e:  # network, missing files, a broken checkout: all reported the same way
             return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if rank == 0:
+    if rank == 0:  # rank 0 first: a download goes into the shared cache once ...
         net, err = attempt()
     runtime.barrier()
-    if rank != 0:
+    if rank != 0:  # ... and the other processes then read it from there
         net, err = attempt()
     if err:
         fix = f"give the machine network access, pass {flags[0]}, or opt out with {flags[1]}"
@@ -164,7 +165,7 @@ def load_frozen(what, load, flags, cfg, rank):
 def build_models(cfg, device, rank):
     """-> the tokenizer, the discriminator, and the frozen teacher and LPIPS (None when off or not loadable)."""
     tcfg = TOKENIZER_PRESETS[cfg.size]
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the init is a function of the seed: every process builds the same model
     tok = Tokenizer(tcfg).to(device)
     disc = PatchDiscriminator().to(device)
     teacher = lpips = None
@@ -181,36 +182,44 @@ def build_models(cfg, device, rank):
     return tok, disc, teacher, lpips
 
 
+def make_optimizer(net, cfg, device, precision):
+    """AdamW on every parameter (official DDP trainer), and the GradScaler that fp16 needs (a no-op otherwise)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return opt, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def init_tokenizer(tok, path, master=True):
     """Fine-tuning: fill a new run's tokenizer from an official GigaTok or our checkpoint of the same architecture.
     A released checkpoint without the semantic head keeps this run's freshly initialized head (and says so)."""
     src = model.load_tokenizer(path).state_dict()
     mine = tok.state_dict()
+    # released files may lack it
     fresh_head = [k for k in mine if k.startswith("decoder.semantic_head.") and k not in src]
     wrong = sorted(set(src) ^ (set(mine) - set(fresh_head))) + \
         [k for k in src if k in mine and src[k].shape != mine[k].shape]
     if wrong:
         raise SystemExit(f"--init-from {path}: its tokenizer does not fit --size's ({len(wrong)} tensors differ, "
                          f"first {wrong[0]}); pass the --size it was trained as")
-    tok.load_state_dict({**mine, **src})
+    tok.load_state_dict({**mine, **src})  # strict: every tensor filled
     if master:
         print(f"initialized from {path}" + (" (semantic head absent there: freshly initialized)" if fresh_head else ""))
 
 
-def print_summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step):
+def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step):
+    """The start-up lines: what trains, on what, how (the numbers a run's log should begin with)."""
     parts = dict(cnn_encoder=tok.cnn_encoder, encoder=tok.encoder, decoder=tok.decoder, cnn_decoder=tok.cnn_decoder)
     count = runtime.count
     other = count(tok) - sum(count(m) for m in parts.values())
-    print(f"tokenizer {cfg.size}: {count(tok) / 1e6:.2f}M params (" + ", ".join(
+    return (f"tokenizer {cfg.size}: {count(tok) / 1e6:.2f}M params (" + ", ".join(
         f"{k} {count(m) / 1e6:.2f}M" for k, m in parts.items()) + f", quantizer+projections {other / 1e6:.3f}M; "
-        f"decoder includes the semantic head); discriminator {count(disc) / 1e6:.2f}M")
-    print(f"data {cfg.data}: {len(train_set)} training / {len(val_set)} held-out images of {len(train_set.classes)}"
-          f" classes at {tok.cfg.image_size}px; {cfg.batch_size} images per step = {world} processes x "
-          f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}")
-    print(f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'}; "
-          f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
-          f"{cfg.warmup}, cosine to {cfg.end_lr:g}), disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
-          + (f"; resuming from step {step}" if step else ""))
+        f"decoder includes the semantic head); discriminator {count(disc) / 1e6:.2f}M\n"
+        f"data {cfg.data}: {len(train_set)} training / {len(val_set)} held-out images of {len(train_set.classes)}"
+        f" classes at {tok.cfg.image_size}px; {cfg.batch_size} images per step = {world} processes x "
+        f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}\n"
+        f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'}; "
+        f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
+        f"{cfg.warmup}, cosine to {cfg.end_lr:g}), disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
+        + (f"; resuming from step {step}" if step else ""))
 
 # -----------------------------------------------------------------------------------------------------------
 # The loss (spec 4.1, 4.2): the tokenizer returns raw pieces, the loop weighs them.
@@ -220,7 +229,7 @@ def loss_terms(tok, x, teacher, lpips, disc, gan, early, entropy):
     x_hat and, early on (step < aux_loss_end), also the CNN-only shortcut x_hat_dir."""
     t_feat = teacher(x) if teacher is not None else None                      # (B, g*g, teacher dim)
     recon, aux = tok(x, shortcut=early, entropy=entropy)
-    recons = [recon] + ([aux["shortcut"]] if early else [])
+    recons = [recon] + ([aux["shortcut"]] if early else [])  # every reconstruction term sums over these
     disc.requires_grad_(False)                                                # D is a fixed critic in the G step
     zero = x.new_zeros(())
     terms = dict(
@@ -279,10 +288,8 @@ def save_grid(tok, x, path):
 
 def main(cfg: TrainConfig):
     cfg = resolve(cfg)
-    rank, world, device = runtime.setup(cfg)
+    rank, world, device = runtime.setup(cfg, tf32=True)   # TF32 on CUDA, as the official trainer
     master = rank == 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official trainer
     micro = runtime.micro_batch(cfg, world)
     precision, autocast = runtime.autocast_for(cfg.precision, device)
 
@@ -292,24 +299,23 @@ def main(cfg: TrainConfig):
     val_set = data.make_dataset(cfg.data, "val", size, cfg.seed, cfg.num_classes)
     shown = torch.stack([val_set[i * len(val_set) // 8][0] for i in range(8)]).to(device)  # 8 held-out images
     tok, disc, teacher, lpips = build_models(cfg, device, rank)
-    opt, opt_d = (torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                    weight_decay=cfg.weight_decay) for m in (tok, disc))
-    scaler, scaler_d = (torch.amp.GradScaler(device.type, enabled=precision == "fp16") for _ in range(2))
+    (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))
     parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d)
-    ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
+    ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
     if os.path.exists(ckpt_path) and not cfg.fresh:
+        # same architecture only
         step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master)
     elif cfg.init_from:
         init_tokenizer(tok, cfg.init_from, master)
     # find_unused: the semantic head idles without a teacher, the shortcut after aux_loss_end
     train = runtime.wrap(tok, cfg, world, device, find_unused=True)
+    # plain dicts: weights_only-readable
     config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
-    if master:
-        print_summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step)
+    log = runtime.Logger(cfg.out_dir, master)
+    log.say(summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step))
 
     # 2. the loop: a generator step (the tokenizer), then a discriminator step once the GAN has started
-    log = runtime.Logger(cfg.out_dir, master)
     batches = data.train_batches(train_set, micro, rank, world, cfg.seed, start=step * cfg.grad_accum,
                                  num_workers=(6 if device.type == "cuda" else 0) if cfg.num_workers < 0 else cfg.num_workers)
     train.train()
@@ -317,7 +323,7 @@ def main(cfg: TrainConfig):
     t0, seen = time.time(), 0
     while step < cfg.max_steps:
         lr = runtime.get_lr(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.end_lr)
-        for group in opt.param_groups + opt_d.param_groups:
+        for group in opt.param_groups + opt_d.param_groups:  # one schedule for both networks
             group["lr"] = lr
         g = cfg.disc_weight if step >= cfg.disc_start else 0.0   # the disc_start guard (official adopt_weight)
         early = step < cfg.aux_loss_end                          # the shortcut reconstruction + feature loss
@@ -333,17 +339,14 @@ def main(cfg: TrainConfig):
                 loss = (t["mse"] + cfg.perceptual_weight * t["lpips"] + g * t["gan"]
                         + (t["codebook"] + cfg.commit_weight * t["commitment"] + cfg.entropy_weight * t["entropy"])
                         + t["feat"] + cfg.semantic_weight * t["semantic"])
-            scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()  # the mean over the micro-steps, accumulated in .grad
             if g > 0:  # the discriminator judges the same reconstructions, detached
                 with autocast:
                     d_loss = discriminator_loss(disc, x, recons, g)
                 scaler_d.scale(d_loss / cfg.grad_accum).backward()
-        grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)
-        if g > 0:  # the discriminator is not wrapped in DDP: average its gradients here
-            for p in disc.parameters():
-                if p.grad is not None:
-                    runtime.all_reduce(p.grad).div_(world)
-            runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip)
+        grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
+        if g > 0:  # the discriminator is not wrapped in DDP: its gradients are averaged here
+            runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1
         seen += cfg.batch_size
         bar.update()
@@ -351,7 +354,7 @@ def main(cfg: TrainConfig):
             dt, t0 = time.time() - t0, time.time()
             log(step, loss=loss.item(), **{k: v.item() for k, v in t.items()}, d_loss=d_loss.item() if g > 0 else 0.0,
                 usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=seen / dt)
-            seen = 0
+            seen = 0  # images since the last log line
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
             if master:
                 save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"))
@@ -363,10 +366,9 @@ def main(cfg: TrainConfig):
     if not os.path.exists(ckpt_path):  # max_steps 0
         save()
     val_psnr, usage = evaluate_held_out(tok, val_set, cfg.eval_images, 32, rank, world, device)
-    if master:
-        log(step, val_psnr=val_psnr, val_usage=usage)
-        print(f"held-out PSNR {val_psnr:.2f} dB, codebook usage {100 * usage:.1f}% over "
-              f"{min(cfg.eval_images, len(val_set))} images; checkpoint {ckpt_path}")
+    log(step, val_psnr=val_psnr, val_usage=usage)
+    log.say(f"held-out PSNR {val_psnr:.2f} dB, codebook usage {100 * usage:.1f}% over "
+            f"{min(cfg.eval_images, len(val_set))} images; checkpoint {ckpt_path}")
     runtime.cleanup_distributed()
     return dict(step=step, val_psnr=val_psnr, usage=usage, tokenizer=tok, discriminator=disc, teacher=teacher)
 
