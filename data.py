@@ -86,7 +86,7 @@ def render_synthetic(index, split, size, seed=0):
     colour on another. Shapes and checkers are nearly upright, shapes near the center with random scale; patterns
     have random frequency, stripes and dots random orientation. A pure function of (seed, split, index); drawn at
     `size` directly (edges anti-aliased to one pixel), so any resolution works."""
-    label = index % len(SYNTHETIC_CLASSES)
+    label = index % len(SYNTHETIC_CLASSES)  # balanced classes
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])  # one generator per image
     t = (np.arange(size) + 0.5) / size * 2 - 1                 # pixel centers in [-1, 1]
     px = 2.0 / size                                            # one pixel in these units
@@ -131,6 +131,7 @@ def render_synthetic(index, split, size, seed=0):
         period = rng.uniform(0.4, 0.6)
         qu, qv = np.mod(u, period) - period / 2, np.mod(v, period) - period / 2
         d = np.hypot(qu, qv) - rng.uniform(0.25, 0.35) * period
+    # coverage from the signed distance: 1 inside, 0 outside, a one-pixel ramp on the edge
     mask = np.clip(0.5 - d / px, 0, 1)[..., None]              # anti-aliased coverage
     img = bg * (1 - mask) + fg * mask  # (S, S, 3) floats in [0, 1]
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
@@ -190,8 +191,8 @@ def center_crop(img, s):
 def random_crop(img, s, rng):
     """The official training augmentation (random_crop_arr): the short side resized to a random size in
     [s, 1.25 s] (crop fraction 0.8-1), a random s x s crop, a horizontal flip half of the time."""
-    img = resize_short_side(img, int(rng.integers(s, math.ceil(s * 1.25) + 1)))
-    left, top = int(rng.integers(0, img.size[0] - s + 1)), int(rng.integers(0, img.size[1] - s + 1))
+    img = resize_short_side(img, int(rng.integers(s, math.ceil(s * 1.25) + 1)))  # a random zoom
+    left, top = int(rng.integers(0, img.size[0] - s + 1)), int(rng.integers(0, img.size[1] - s + 1))  # a random window
     img = img.crop((left, top, left + s, top + s))  # (left, upper, right, lower)
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else img
 

@@ -492,7 +492,7 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
     """BatchNorm1d(no affine) + Linear on frozen features, trained with cross-entropy; -> top-1 on val (%).
     As the official probe: lr = base lr * batch / 256, 10/90 of the epochs of linear warmup, then a half-cosine
     to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9 instead of LARS."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the probe's init and order: a function of the seed
     dim = train_x.shape[1]
     # the official probe head
     probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
@@ -501,7 +501,7 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
         probe[1].bias.zero_()
     peak = lr * batch / 256  # the linear scaling rule
     opt = torch.optim.SGD(probe.parameters(), lr=peak, momentum=0.9, weight_decay=0)
-    steps_per_epoch = math.ceil(len(train_x) / batch)
+    steps_per_epoch = math.ceil(len(train_x) / batch)  # the last batch may be short
     total, warmup = epochs * steps_per_epoch, epochs * steps_per_epoch // 9
     step = 0
     probe.train()
@@ -514,7 +514,7 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
             t = (step - warmup) / max(1, total - warmup)
             for group in opt.param_groups:
                 group["lr"] = peak * (step + 1) / warmup if step < warmup else peak * 0.5 * (1 + math.cos(math.pi * t))
-            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
+            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])  # on frozen features: only the probe learns
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -604,10 +604,10 @@ def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
     """Codes (n, N), labels (n,) and the data they came from, of a split for the probe: the codes the AR model was
     trained / validated on, from train_ar.py's code cache (encoded now if absent), the center view of the ten
     training crops. An AR checkpoint without our training config (an official one) gets every image of --data."""
-    fields = {f.name for f in dataclasses.fields(ARConfig)}
+    fields = {f.name for f in dataclasses.fields(ARConfig)}  # what train_ar.py stored about its data
     ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0),
                                  **{**{k: v for k, v in ar_train.items() if k in fields}, "tokenizer": tok_path})
-    views = 10 if split == "train" else 1
+    views = 10 if split == "train" else 1  # the cache's layout: ten crops for training, the center crop held out
     codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
     center = 4 if views == 10 else 0                                                 # ten crops: 4 corners, center
     return np.asarray(codes[:, center]).astype(np.int64), np.asarray(labels), ar_cfg.data
@@ -634,7 +634,7 @@ def main(cfg: EvalConfig):
     master = rank == 0
     if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
         raise SystemExit("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
-    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."
+    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."  # beside its input
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     results, notes, inception = {}, [], None
@@ -649,7 +649,7 @@ def main(cfg: EvalConfig):
         ckpt = model.read_checkpoint(cfg.ckpt)
         gpt_config = ckpt.get("config") or {}
         gpt = model.load_gpt(ckpt, device=device)
-    tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")
+    tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")  # an AR checkpoint names its tokenizer
     tok = model.load_tokenizer(tok_path, device=device) if tok_path else None  # eval mode, fp32 as official
 
     if cfg.tokenizer:

@@ -433,6 +433,7 @@ class Tokenizer(nn.Module):
         self.apply(init_weights)
         # created after the init, as in the official code: these keep torch's default (kaiming-uniform) init,
         # and the codebook keeps its own. The 1x1 convs of the official code are Linears on tokens here.
+        # the low-dimensional code space (Sec. 3.1): 8-d codes make nearest-neighbour search cheap
         self.quant_conv = nn.Linear(cfg.z_channels, cfg.codebook_dim)                   # z -> d = 8
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.entropy_temperature,
                                          cfg.rotation_trick)
@@ -506,7 +507,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):  # computed in float32
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight  # back to x's dtype
 
 
 class Attention(nn.Module):
@@ -538,7 +539,7 @@ class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), hidden = 2/3 * 4 * dim rounded up to a multiple of 256 (LlamaGen)."""
     def __init__(self, cfg):
         super().__init__()
-        hidden = int(2 * 4 * cfg.dim / 3)
+        hidden = int(2 * 4 * cfg.dim / 3)  # SwiGLU's 2/3 of 4x keeps the parameter count of a 4x MLP
         hidden = 256 * math.ceil(hidden / 256)
         self.w1, self.w3 = nn.Linear(cfg.dim, hidden, bias=False), nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
@@ -566,9 +567,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        # the condition: one learned vector per class, fed as the first token (LlamaGen's c2i)
         self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # the last row is the null class
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))
+        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))  # gpt_1d: learned, no RoPE
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -576,11 +578,11 @@ class GPT(nn.Module):
         for m in self.modules():  # N(0, 0.02) for Linear and Embedding; the output head starts at zero
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.weight)  # the first logits are uniform: loss log(vocab)
 
     def drop_labels(self, labels):
         """Training-time class dropout: each label becomes the null class with probability class_dropout."""
-        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
+        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout  # (B,) True = drop
         return torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
 
     def forward(self, codes, labels, hidden_layer=None):
@@ -603,7 +605,7 @@ class GPT(nn.Module):
         """Allocate each layer's (keys, values), (max_batch, heads, max_len, head dim) each."""
         max_len = max_len or self.cfg.block_size + 1
         p = self.positional_embedding
-        hd = self.cfg.dim // self.cfg.n_head
+        hd = self.cfg.dim // self.cfg.n_head  # head dim (64 in every paper GPT)
         for layer in self.layers:
             shape = (max_batch, self.cfg.n_head, max_len, hd)
             layer.attention.cache = (torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
@@ -618,12 +620,12 @@ class GPT(nn.Module):
         start .. start+T-1 of [class token, codes...]: pass labels (and codes=None) for the class token at
         position 0, or codes (B, T) for positions >= 1. Returns logits (B, T, vocab) for the next codes."""
         if labels is not None:
-            x = self.cls_embedding(labels)[:, None]
+            x = self.cls_embedding(labels)[:, None]  # (B, 1, dim): position 0
             if codes is not None:
                 x = torch.cat([x, self.tok_embeddings(codes)], dim=1)
         else:
-            x = self.tok_embeddings(codes)
-        x = x + self.positional_embedding[start:start + x.shape[1]]
+            x = self.tok_embeddings(codes)  # (B, T, dim)
+        x = x + self.positional_embedding[start:start + x.shape[1]]  # the positions being written
         for layer in self.layers:
             x = layer(x, start)                                                          # (B, T, dim)
         return self.output(self.norm(x)).float()
@@ -717,7 +719,7 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
         try:
             if path:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints "Downloading: ..." even when offline
+            with contextlib.redirect_stdout(io.StringIO()):  # torch.hub prints "Downloading: ..." even when offline
                 return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
         except Exception as e:  # offline, a missing or broken file: one line that says what failed
             reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
@@ -868,16 +870,16 @@ def _load_strict(model, named, source):
                          + (f"\n  missing: {show(missing)}" if missing else "")
                          + (f"\n  unused: {show(unused)}" if unused else "")
                          + (f"\n  wrong shape: {show(wrong)}" if wrong else ""))
-    model.load_state_dict({k: t for k, (_, t) in named.items()}, strict=True)
+    model.load_state_dict({k: t for k, (_, t) in named.items()}, strict=True)  # nothing missing, nothing left over
     return model.eval()
 
 
 def _index_count(sd, prefix, pos):  # 1 + the largest index at dotted position `pos` of names under prefix
-    return 1 + max((int(k.split(".")[pos]) for k in sd if k.startswith(prefix)), default=-1)
+    return 1 + max((int(k.split(".")[pos]) for k in sd if k.startswith(prefix)), default=-1)  # e.g. layers.0 .. layers.5 -> 6
 
 
 def _transformer_size(sd, prefix):
-    width, depth = sd[prefix + ".embed.weight"].shape[0], _index_count(sd, prefix + ".layers.", 2)
+    width, depth = sd[prefix + ".embed.weight"].shape[0], _index_count(sd, prefix + ".layers.", 2)  # (width, z) embedding
     for name, (w, d, _) in TRANSFORMER_SIZES.items():
         if (w, d) == (width, depth):
             return name

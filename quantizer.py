@@ -72,8 +72,8 @@ class VectorQuantizer(nn.Module):
         """z: (B, N, d) continuous latents -> (z_q (B, N, d), codes (B, N), losses). In training, losses holds the
         unweighted codebook and commitment terms, and the entropy term when entropy=True (it costs a (B*N, K)
         softmax, so it is computed only when its weight is not zero); in eval mode it is empty."""
-        z = F.normalize(z, dim=-1)
-        e = self.codebook()
+        z = F.normalize(z, dim=-1)  # unit latents: distance ~ -cosine
+        e = self.codebook()  # (K, d) unit codes
         zf, ef = z.reshape(-1, self.dim).float(), e.float()                # (B*N, d), (K, d)
         # squared distances in float32 even under autocast: among 16384 unit vectors bf16 flips near-ties
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -82,16 +82,16 @@ class VectorQuantizer(nn.Module):
         z_q = e[codes].view_as(z)                                          # (B, N, d)
         losses = {}
         if self.training:
-            losses["codebook"] = (z_q - z.detach()).pow(2).mean()
-            losses["commitment"] = (z_q.detach() - z).pow(2).mean()
+            losses["codebook"] = (z_q - z.detach()).pow(2).mean()  # moves only the codes
+            losses["commitment"] = (z_q.detach() - z).pow(2).mean()  # moves only the encoder
             losses["entropy"] = entropy_loss(-d / self.entropy_temperature) if entropy else z.new_zeros(())
             with torch.no_grad():
                 n = min(codes.numel(), self.recent_codes.numel())
-                self.recent_codes.copy_(torch.cat([self.recent_codes[n:], codes[-n:]]))
+                self.recent_codes.copy_(torch.cat([self.recent_codes[n:], codes[-n:]]))  # a sliding window
             # gradients: through a fixed rotation, or straight through
             if self.rotation_trick:
                 z_q = rotate_to(z.reshape(-1, self.dim), z_q.reshape(-1, self.dim)).view_as(z)
             else:
-                z_q = z + (z_q - z).detach()
+                z_q = z + (z_q - z).detach()  # straight-through: value z_q, gradient identity
         # in eval mode z_q is exactly the codebook lookup, so decode(encode(x)) == forward(x)
         return z_q, codes.view(z.shape[:-1]), losses

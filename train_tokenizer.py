@@ -258,10 +258,11 @@ def evaluate_held_out(tok, val_set, n, batch, rank, world, device):
     tok.eval()
     n = min(n, len(val_set))
     total = torch.zeros(2, device=device, dtype=torch.float64)              # (sum of PSNRs, images)
+    # usage over the held-out set, not the training window: what the paper reports
     used = torch.zeros(tok.cfg.codebook_size, device=device)               # 1 where a code was assigned
     mine = list(range(rank, n, world))
     for s in range(0, len(mine), batch):
-        x = torch.stack([val_set[i][0] for i in mine[s:s + batch]]).to(device)
+        x = torch.stack([val_set[i][0] for i in mine[s:s + batch]]).to(device)  # (B, 3, S, S) center crops
         codes = tok.encode(x)                                               # (B, N)
         psnrs = data.psnr(data.pixel_values(tok.decode(codes).float()), data.pixel_values(x))
         total += torch.tensor([psnrs.sum(), len(x)], dtype=torch.float64, device=device)
@@ -300,7 +301,7 @@ def main(cfg: TrainConfig):
     shown = torch.stack([val_set[i * len(val_set) // 8][0] for i in range(8)]).to(device)  # 8 held-out images
     tok, disc, teacher, lpips = build_models(cfg, device, rank)
     (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))
-    parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d)
+    parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d)  # what a checkpoint holds
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
     if os.path.exists(ckpt_path) and not cfg.fresh:
         # same architecture only
@@ -308,7 +309,7 @@ def main(cfg: TrainConfig):
     elif cfg.init_from:
         init_tokenizer(tok, cfg.init_from, master)
     # find_unused: the semantic head idles without a teacher, the shortcut after aux_loss_end
-    train = runtime.wrap(tok, cfg, world, device, find_unused=True)
+    train = runtime.wrap(tok, cfg, world, device, find_unused=True)  # compiled / DDP; tok stays the plain module
     # plain dicts: weights_only-readable
     config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
@@ -322,7 +323,7 @@ def main(cfg: TrainConfig):
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
     t0, seen = time.time(), 0
     while step < cfg.max_steps:
-        lr = runtime.get_lr(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.end_lr)
+        lr = runtime.get_lr(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.end_lr)  # warmup, then cosine to end_lr
         for group in opt.param_groups + opt_d.param_groups:  # one schedule for both networks
             group["lr"] = lr
         g = cfg.disc_weight if step >= cfg.disc_start else 0.0   # the disc_start guard (official adopt_weight)
@@ -347,7 +348,7 @@ def main(cfg: TrainConfig):
         grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
         if g > 0:  # the discriminator is not wrapped in DDP: its gradients are averaged here
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
-        step += 1
+        step += 1  # one optimizer step = batch_size images
         seen += cfg.batch_size
         bar.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -359,7 +360,7 @@ def main(cfg: TrainConfig):
             if master:
                 save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"))
             if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
-                log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
+                log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])  # through the codes
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
