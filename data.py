@@ -17,7 +17,9 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+import runtime
 
 # -----------------------------------------------------------------------------------------------------------
 # Pixels: every PNG and every pixel metric of the project sees the images through pixel_values.
@@ -142,7 +144,8 @@ class SyntheticImages:
     Training views are flipped at random (the drawing itself already varies position, scale and colour)."""
 
     def __init__(self, split, size, seed=0, num_classes=0, per_class=0):
-        assert split in SYNTHETIC_SIZES, f"split must be one of {list(SYNTHETIC_SIZES)}, got {split!r}"
+        if split not in SYNTHETIC_SIZES:
+            raise runtime.UserError(f"--split {split!r}: one of {', '.join(SYNTHETIC_SIZES)}")
         self.split, self.size, self.seed = split, size, seed
         k = len(SYNTHETIC_CLASSES)
         self.num_classes = min(num_classes or k, k)
@@ -173,6 +176,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 _unreadable = [0]  # images this process could not decode
 
 
+def open_rgb(path):
+    """An image file in any Pillow mode -> an RGB image: its EXIF orientation applied, transparency composited over
+    white, 16-bit and float images scaled to 8 bits (convert("RGB") alone would clip them)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)                     # phone photos: upright, as a viewer shows them
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            a = a / 257 if a.max() > 255 else a * 255 if a.max() <= 1 else a   # 16-bit, or floats in [0, 1]
+            img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        return img.convert("RGB")
+
+
 def resize_short_side(img, s):
     """Resize so that the short side is s: halve with BOX while the image is >= 2x too big, then BICUBIC
     (as the official center_crop_arr / random_crop_arr)."""
@@ -201,12 +218,13 @@ class ImageFolder:
     """Images under root, one class per top-level folder, files found recursively (ImageNet's and
     Tiny-ImageNet's layouts); a folder of images without class folders is one class. The split is root/<split>
     when it exists (or a sibling train/ or val/ of root); otherwise every 20th image of each class is held out
-    as "val" and the rest is "train". Subsets for classroom runs: the first num_classes classes (sorted), the
-    first per_class images of each (sorted)."""
+    as "val" (a class of 2 to 19 images: its last one) and the rest is "train". Subsets for classroom runs: the
+    first num_classes classes (sorted), the first per_class images of each (sorted). Files that are not images
+    (by extension) and empty class folders are skipped with a warning; see load() for unreadable images."""
 
     def __init__(self, root, split, size, num_classes=0, per_class=0):
-        # the split: root/<split> if there is one, else a sibling train/ or val/, else every 20th image
-        assert os.path.isdir(root), f"--data {root}: no such folder (or pass --data synthetic)"
+        if not os.path.isdir(root):
+            raise runtime.UserError(f"--data {root!r}: no such folder (or pass --data synthetic)")
         self.size = size
         base, held_out = root, None
         if os.path.isdir(os.path.join(root, split)):
@@ -222,28 +240,35 @@ class ImageFolder:
             folders = [""]                                      # flat: the folder is one class
         folders = folders[:num_classes or None]  # a classroom subset: the first classes, sorted
         self.classes = [f or os.path.basename(os.path.normpath(base)) for f in folders]  # a flat folder's class: its name
-        self.samples = []
+        self.samples, others, empty = [], 0, []
         for label, f in enumerate(folders):
             top = os.path.join(base, f)
-            files = sorted(os.path.join(d, n) for d, _, names in os.walk(top) for n in names if is_img(n)) \
-                if f else sorted(os.path.join(base, n) for n in os.listdir(base) if is_img(n))
-            if held_out is not None:
-                # 5% held out, the same files every run
-                files = [p for j, p in enumerate(files) if (j % 20 == 19) == held_out]
+            names = sorted(os.path.join(d, n) for d, _, ns in os.walk(top) for n in ns if not n.startswith(".")) \
+                if f else sorted(os.path.join(base, n) for n in os.listdir(base) if os.path.isfile(os.path.join(base, n)))
+            files = [p for p in names if is_img(p)]
+            others, empty = others + len(names) - len(files), empty + ([self.classes[label]] if not files else [])
+            if held_out is not None:  # 5% held out, the same files every run; a small class holds out its last
+                val = {j for j in range(len(files)) if j % 20 == 19} or ({len(files) - 1} if len(files) >= 2 else set())
+                files = [p for j, p in enumerate(files) if (j in val) == held_out]
             self.samples += [(p, label) for p in files[:per_class or None]]  # (path, class index) pairs
-        assert self.samples, f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}"
+        if others or empty:
+            warnings.warn(f"{base}: skipped {others} files that are not images ({', '.join(IMAGE_EXTENSIONS)})"
+                          + (f" and {len(empty)} class folders without images ({', '.join(empty[:5])})" if empty else ""))
+        if not self.samples:
+            raise runtime.UserError(f"--data {root}: no {split} images under {base}" + (
+                " (a held-out split needs classes of at least 2 images)" if held_out else f" ({', '.join(IMAGE_EXTENSIONS)})"))
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, i):
-        """-> (RGB PIL image, label). An unreadable file is reported and replaced by the next one."""
+        """-> (RGB PIL image, label). An unreadable file (truncated, corrupt, empty, not an image) is counted in a
+        warning and replaced by the next one, so a run never stops on a bad file."""
         for k in range(len(self.samples)):
             path, y = self.samples[(i + k) % len(self.samples)]
             try:
-                with Image.open(path) as img:
-                    return img.convert("RGB"), y
-            except (OSError, ValueError, SyntaxError) as e:
+                return open_rgb(path), y
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 _unreadable[0] += 1
                 warnings.warn(f"unreadable image {path} ({type(e).__name__}: {e}); using the next one "
                               f"({_unreadable[0]} unreadable so far in this process)")

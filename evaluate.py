@@ -338,14 +338,16 @@ class ImageSet:
             self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path)
                                 for f in fs if f.lower().endswith(data.IMAGE_EXTENSIONS))
             self.n = len(self.files)
+        elif not zipfile.is_zipfile(path):
+            raise runtime.UserError(f"{path}: not a folder of images nor an .npz (arr_0 images and/or mu, sigma)")
         elif "arr_0.npy" in zipfile.ZipFile(path).namelist():
             with zipfile.ZipFile(path).open("arr_0.npy") as f:          # the .npy header, then raw rows
                 version = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, fortran, self.dtype = read(f)
                 self.offset = f.tell()
-            assert not fortran and len(shape) == 4 and shape[-1] == 3 and self.dtype == np.uint8, \
-                f"{path}: arr_0 must be (n, H, W, 3) uint8, not {shape} {self.dtype}"
+            if fortran or len(shape) != 4 or shape[-1] != 3 or self.dtype != np.uint8:
+                raise runtime.UserError(f"{path}: arr_0 must be (n, H, W, 3) uint8, not {shape} {self.dtype}")
             self.n, self.shape = shape[0], shape[1:]
         self.has_images = self.n > 0
 
@@ -386,12 +388,10 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
     and/or images (arr_0), or a folder. Stored mu/sigma win, as in ADM's evaluator (for ADM's files they come
     from the TensorFlow graph); pool features (for precision/recall) come from the images. Computed ones are
     cached in `cache` (.npz with mu, sigma, pool), which can be passed as the reference next time."""
-    stored = {}
-    assert os.path.exists(ref), f"no reference at {ref}"
+    stored, images = {}, ImageSet(ref)       # ImageSet refuses a file of another format
     if not os.path.isdir(ref):
         with np.load(ref) as z:
             stored = {k: z[k] for k in ("mu", "sigma", "pool") if k in z.files}
-    images = ImageSet(ref)
     if "pool" not in stored and images.has_images:
         pool, _ = image_set_features(net, images, batch, device, rank, world, f"reference {os.path.basename(ref)}")
         stored["pool"] = pool  # (n, 2048) Inception features of the reference images
@@ -400,6 +400,8 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
         if rank == 0:
             np.savez(cache, **stored)
             print(f"reference statistics cached in {cache}")
+    if "mu" not in stored:
+        raise runtime.UserError(f"--ref {ref}: neither images (arr_0, or a folder) nor statistics (mu, sigma) there")
     return stored
 
 
@@ -455,7 +457,8 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
 def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir="."):
     """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see reference_stats)."""
     images = ImageSet(samples)
-    assert images.has_images, f"no images in {samples} (expected a folder of images or an .npz with arr_0)"
+    if not images.has_images:
+        raise runtime.UserError(f"--samples {samples}: no images there (a folder of images, or an .npz with arr_0)")
     pool, logits = image_set_features(inception, images, cfg.batch_size, device, rank, world, "samples")
     out = dict(samples=len(images))
     out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
@@ -630,10 +633,16 @@ def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
 
 
 def main(cfg: EvalConfig):
+    if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
+        raise runtime.UserError("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
+    runtime.check(cfg, [(cfg.split in ("train", "val"), "split", "train or val"),
+                        (cfg.num_images >= 0, "num_images", "0 (all) or more"), (cfg.batch_size >= 1, "batch_size", "1 or more"),
+                        (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"), (cfg.probe_lr > 0, "probe_lr", "above 0"),
+                        (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"), (cfg.threads >= 0, "threads", "0 or more"),
+                        *[(not p or os.path.exists(p), k, "no such file or folder") for k, p in
+                          (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
-    if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
-        raise SystemExit("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
     out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."  # beside its input
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -677,7 +686,7 @@ def main(cfg: EvalConfig):
 
     if cfg.ckpt:
         if tok is None:
-            raise SystemExit(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
+            raise runtime.UserError(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
         probe = linear_probe(gpt, tok, tok_path, cfg, gpt_config.get("train", {}), device, rank, world)
         if master:
             results["linear_probe"] = probe
@@ -694,4 +703,4 @@ def main(cfg: EvalConfig):
 
 
 if __name__ == "__main__":
-    main(runtime.parse_config(EvalConfig()))
+    runtime.run(main, EvalConfig())

@@ -63,6 +63,33 @@ def _field_type(default):
     return convert
 
 
+class UserError(SystemExit):
+    """A user's mistake (a flag, a path, a file that does not fit): the message, exit status 2, no traceback.
+    runtime.run prints it as one line; a test calling main() catches it (str(e) is the message)."""
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def check(cfg, rules):
+    """rules: (ok, field, what is valid) triples; the first that fails is a UserError naming the flag and value."""
+    for ok, field, valid in rules:
+        if not ok:
+            raise UserError(f"--{field.replace('_', '-')} {getattr(cfg, field)!r}: {valid}")
+
+
+def run(main, cfg):
+    """The scripts' entry point: main(the config from the command line); a UserError is one line on stderr."""
+    try:
+        main(parse_config(cfg))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def parse_config(cfg, argv=None):
     """A copy of the dataclass instance `cfg` with the fields set on the command line (sys.argv by default).
     A wrong flag or value is one line naming it, and exit status 2 (argparse's), before anything starts."""
@@ -132,10 +159,10 @@ def cleanup_distributed():
 
 def micro_batch(cfg, world):
     """The per-process micro-batch of the global cfg.batch_size: batch = world x grad_accum x micro."""
+    check(cfg, [(cfg.grad_accum >= 1, "grad_accum", "at least 1")])
     micro = cfg.batch_size // (world * cfg.grad_accum)  # images per process per micro-step
-    if micro < 1 or micro * world * cfg.grad_accum != cfg.batch_size:
-        raise SystemExit(f"--batch-size {cfg.batch_size} does not split into {world} processes x --grad-accum "
-                         f"{cfg.grad_accum} micro-steps of at least one image each")
+    check(cfg, [(micro >= 1 and micro * world * cfg.grad_accum == cfg.batch_size, "batch_size",
+                 f"a positive multiple of {world} processes x --grad-accum {cfg.grad_accum}")])
     return micro
 
 
@@ -145,7 +172,7 @@ def autocast_for(precision, device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp16", "fp32"):
-        raise SystemExit(f"--precision {precision!r}: auto, bf16, fp16 or fp32")
+        raise UserError(f"--precision {precision!r}: auto, bf16, fp16 or fp32")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=None)[precision]  # fp32: no autocast at all
     return precision, (torch.autocast(device.type, dtype) if dtype else nullcontext())
 
@@ -163,7 +190,7 @@ def get_lr(step, lr, warmup, total, end_lr=0.0, schedule="cosine", decay_frac=0.
         progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 -> 1 after the warmup
         return end_lr + 0.5 * (lr - end_lr) * (1 + math.cos(math.pi * progress))
     if schedule != "wsd":
-        raise SystemExit(f"--schedule {schedule!r}: wsd or cosine")
+        raise UserError(f"--schedule {schedule!r}: wsd or cosine")
     decay = int(decay_frac * total)  # WSD: the last decay_frac of the steps decay ...
     hold = total - decay  # ... after a hold at the peak lr
     return lr if step < hold else lr * max(0.0, 1 - math.sqrt((step - hold) / decay))
@@ -183,10 +210,15 @@ def resume(path, parts, identity, train, master):
         return 0
     ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
     for key, value in identity.items():
-        if not same(ckpt["config"].get(key), value):
-            raise SystemExit(f"{path} was made with another {key.replace('_', ' ')}: pass --fresh or another --out-dir")
+        theirs = ckpt["config"].get(key)
+        if not same(theirs, value):
+            fields = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in value.items() if not same(theirs.get(k), v)] \
+                if isinstance(value, dict) and isinstance(theirs, dict) else []
+            raise UserError(f"{path} was made with another {key.replace('_', ' ')}" + (f" ({', '.join(fields)})"
+                            if fields else "") + ": pass --fresh, or another --out-dir")
     for key, part in parts.items():
-        part.load_state_dict(ckpt[key])  # copies into the module's (device) tensors
+        if ckpt.get(key):  # a GradScaler's state: {} when it was off (fp32), absent in older checkpoints
+            part.load_state_dict(ckpt[key])  # copies into the module's (device) tensors
     changed = {k: v for k, v in ckpt["config"].get("train", {}).items() if not same(v, train.get(k, v))}
     if changed and master:
         print("note: resuming with changed training settings: "
@@ -210,6 +242,7 @@ def wrap(net, cfg, world, device, find_unused=False):
 
 def optimizer_step(optimizer, scaler, params, clip, average=False):
     """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the norm.
+    A non-finite norm (a NaN or inf loss or gradient) skips the update: the caller counts it (see skip_count).
     average=True first averages the gradients over the processes (for a module that DDP does not wrap)."""
     params = list(params)
     if average and dist.is_initialized():
@@ -218,10 +251,26 @@ def optimizer_step(optimizer, scaler, params, clip, average=False):
                 all_reduce(p.grad).div_(dist.get_world_size())
     scaler.unscale_(optimizer)  # fp16: the gradients back to their true scale before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # the total norm before clipping
-    scaler.step(optimizer)  # fp16: skipped if the gradients overflowed
+    if scaler.is_enabled() or torch.isfinite(grad_norm):       # (one host sync per step)
+        scaler.step(optimizer)  # fp16: skipped if the gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+class BadSteps:
+    """Counts the optimizer steps that a non-finite gradient norm skipped (see optimizer_step); `limit` of them in a
+    row stop the run with a clear message, leaving the last good checkpoint as it is."""
+    def __init__(self, limit, ckpt_path):
+        self.limit, self.ckpt_path, self.total, self.in_row = limit, ckpt_path, 0, 0
+
+    def __call__(self, grad_norm, step):
+        finite = bool(torch.isfinite(grad_norm))
+        self.total, self.in_row = self.total + (not finite), 0 if finite else self.in_row + 1
+        if self.limit and self.in_row >= self.limit:
+            raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "
+                             f"steps in a row (lower --lr, or check the data); the last good checkpoint is "
+                             f"{self.ckpt_path}, and rerunning the command continues from it")
 
 
 def count(module):

@@ -13,6 +13,7 @@ is written, except the first code, which always gets the full scale (the officia
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -131,10 +132,31 @@ def labelled_grid(rows, names, label_width=110):
     return grid
 
 
+def validate(cfg):
+    """Every sampling field in its range, before anything is loaded (the flag, its value and what is valid)."""
+    runtime.check(cfg, [
+        (cfg.cfg_scale == -1 or cfg.cfg_scale >= 0, "cfg_scale", "0 or more (1 = no guidance), or -1 for the model's"),
+        (cfg.cfg_schedule in ("constant", "step"), "cfg_schedule", "constant or step"),
+        (0 <= cfg.step_start <= 1, "step_start", "in [0, 1]"), (cfg.temperature >= 0, "temperature", "0 (greedy) or more"),
+        (cfg.top_k >= 0, "top_k", "0 (off) or more"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1] (1 = off)"),
+        (cfg.per_class >= 1, "per_class", "1 or more"), (cfg.num_samples >= 0, "num_samples", "0 (a grid) or more"),
+        (cfg.batch_size >= 1, "batch_size", "1 or more"), (cfg.threads >= 0, "threads", "0 or more"),
+        (re.fullmatch(r"(\d+(,\d+)*)?", cfg.classes) is not None, "classes", "comma-separated class ids, e.g. 0,3,7")])
+
+
+def grid_classes(cfg, num_classes):
+    """The grid's rows: --classes, each checked against the model's classes, or up to 10 evenly spaced ones."""
+    if not cfg.classes:
+        return sorted({round(i * (num_classes - 1) / max(1, min(10, num_classes) - 1)) for i in range(min(10, num_classes))})
+    runtime.check(cfg, [(all(int(c) < num_classes for c in cfg.classes.split(",")), "classes",
+                         f"class ids from 0 to {num_classes - 1} (this model has {num_classes} classes)")])
+    return [int(c) for c in cfg.classes.split(",")]
+
+
 def load_models(cfg, device):
     """-> (the AR model, the tokenizer it was trained on, class names, cfg with the model's guidance scale)"""
     if not os.path.exists(cfg.ckpt):
-        raise SystemExit(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
+        raise runtime.UserError(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
     ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
     ours = ckpt.get("config") or {}
@@ -144,16 +166,17 @@ def load_models(cfg, device):
         cfg = dataclasses.replace(cfg, cfg_scale=trained.get("cfg_scale", 4.0))
     tok_path = cfg.tokenizer or trained.get("tokenizer")
     if not tok_path:
-        raise SystemExit(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
+        raise runtime.UserError(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
     tok = model.load_tokenizer(tok_path, device=device)
     if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
-        raise SystemExit(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not "
+        raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not "
                          f"fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
     names = ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
     return gpt, tok, names, cfg
 
 
 def main(cfg: SampleConfig):
+    validate(cfg)
     rank, world, device = runtime.setup(cfg)
     gpt, tok, names, cfg = load_models(cfg, device)
     autocast = runtime.autocast_for(cfg.precision, device)[1]
@@ -173,9 +196,7 @@ def main(cfg: SampleConfig):
             return to_uint8(tok.decode(codes).float())
 
     if cfg.num_samples == 0:  # a labelled grid, one row per class
-        n_cls = gpt.cfg.num_classes
-        classes = [int(c) for c in cfg.classes.split(",")] if cfg.classes else \
-            sorted({round(i * (n_cls - 1) / max(1, min(10, n_cls) - 1)) for i in range(min(10, n_cls))})
+        classes = grid_classes(cfg, gpt.cfg.num_classes)
         rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
                 for c in tqdm(classes, desc="sampling", disable=rank != 0)]
         out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png")
@@ -204,4 +225,4 @@ def main(cfg: SampleConfig):
 
 
 if __name__ == "__main__":
-    main(runtime.parse_config(SampleConfig()))
+    runtime.run(main, SampleConfig())

@@ -68,6 +68,7 @@ class ARConfig:
     log_interval: int = -1       # steps between log lines; -1 = the preset's
     eval_interval: int = -1      # steps between validation cross-entropies (and at the end); -1 = the preset's
     ckpt_interval: int = -1      # steps between checkpoints (and at the end); -1 = the preset's
+    max_bad_steps: int = 5       # a non-finite loss or gradient skips its step; this many in a row stop the run
 
 
 # Training defaults per AR size (spec 5.2; Detailed_instructions.md): global batch, warmup, steps = 300 epochs of
@@ -90,7 +91,7 @@ def resolve(cfg):
     """cfg with every -1 / "" default filled from the size's training defaults (and the probing protocol)."""
     gpt = cfg.gpt or ("gpt-b" if cfg.probe else "toy")
     if gpt not in AR_TRAIN_PRESETS:
-        raise SystemExit(f"unknown --gpt {gpt!r}; known: {', '.join(AR_TRAIN_PRESETS)}")
+        raise runtime.UserError(f"unknown --gpt {gpt!r}; known: {', '.join(AR_TRAIN_PRESETS)}")
     p = {**PAPER_DEFAULTS, **AR_TRAIN_PRESETS[gpt], **(PROBE if cfg.probe else {})}
     fill = {k: v for k, v in p.items() if getattr(cfg, k) == -1}
     probe_dir = f"out/probe-{os.path.basename(os.path.dirname(os.path.abspath(cfg.tokenizer)))}"
@@ -210,6 +211,21 @@ def unigram_entropy(codes, vocab_size, chunk=4096):
 # -----------------------------------------------------------------------------------------------------------
 # Optimisation
 
+def validate(cfg):
+    """Every training field in its range, before anything starts (the flag, its value and what is valid)."""
+    runtime.check(cfg, [
+        (cfg.max_steps >= 0, "max_steps", "0 or more"), (cfg.batch_size >= 1, "batch_size", "1 or more"),
+        (cfg.lr > 0, "lr", "a number above 0"), (cfg.warmup >= 0, "warmup", "0 or more"),
+        (cfg.schedule in ("wsd", "cosine"), "schedule", "wsd or cosine"), (0 < cfg.decay_frac <= 1, "decay_frac", "in (0, 1]"),
+        (0 <= cfg.beta1 < 1, "beta1", "in [0, 1)"), (0 <= cfg.beta2 < 1, "beta2", "in [0, 1)"),
+        (cfg.grad_clip > 0, "grad_clip", "a number above 0"), (cfg.cfg_scale >= 0, "cfg_scale", "0 or more"),
+        *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("weight_decay", "num_classes", "per_class", "threads",
+                                                            "max_bad_steps")],
+        *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "eval_interval", "ckpt_interval",
+                                                            "encode_batch")],
+        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")])
+
+
 def get_lr(step, cfg):
     """The official WSD schedule (or a cosine, --schedule cosine) laid out over schedule_steps (default max_steps)."""
     total = cfg.schedule_steps if cfg.schedule_steps > 0 else cfg.max_steps
@@ -274,12 +290,13 @@ def summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, pre
 
 def main(cfg: ARConfig):
     cfg = resolve(cfg)
+    validate(cfg)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
     precision, autocast = runtime.autocast_for(cfg.precision, device)
     if not os.path.exists(cfg.tokenizer):
-        raise SystemExit(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
+        raise runtime.UserError(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
                          f"for the toy), or pass --tokenizer <ours or an official GigaTok checkpoint>")
     tok = model.load_tokenizer(cfg.tokenizer, device=device)  # eval mode, frozen; encodes in fp32 as official
 
@@ -297,7 +314,7 @@ def main(cfg: ARConfig):
     gpt = GPT(gcfg).to(device)
     optimizer = make_optimizer(gpt, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    parts = dict(model=gpt, optimizer=optimizer)
+    parts = dict(model=gpt, optimizer=optimizer, scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path) and not cfg.fresh:
         step = runtime.resume(ckpt_path, parts, dict(tokenizer_fingerprint=fingerprint), asdict(cfg), master)
@@ -312,6 +329,7 @@ def main(cfg: ARConfig):
     evaluate = lambda: validation_loss(gpt, val_codes, val_labels, micro, rank, world, device, autocast)
     val = None
     train.train()
+    bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
     t0, start = time.time(), step
     while step < cfg.max_steps:
@@ -328,12 +346,13 @@ def main(cfg: ARConfig):
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
             scaler.scale(loss / cfg.grad_accum).backward()  # gradients accumulate over the micro-steps
         # clip at 1.0 (official)
-        grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)
+        grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)  # clip at 1 (official)
+        bad(grad_norm, step)  # a non-finite loss skipped this update
         step += 1
         bar.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             step_time, t0, start = (time.time() - t0) / (step - start), time.time(), step
-            log(step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, step_time=step_time)
+            log(step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, step_time=step_time, skipped=bad.total)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = evaluate()
             log(step, val_loss=val, code_entropy=entropy)
@@ -349,4 +368,4 @@ def main(cfg: ARConfig):
 
 
 if __name__ == "__main__":
-    main(runtime.parse_config(ARConfig()))
+    runtime.run(main, ARConfig())

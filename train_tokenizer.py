@@ -69,6 +69,7 @@ class TrainConfig:
     image_interval: int = -1     # steps between PNG grids of held-out reconstructions; -1 = the preset's
     ckpt_interval: int = -1      # steps between checkpoints (and at the end); -1 = the preset's
     eval_images: int = 500       # held-out images for the final PSNR and codebook usage
+    max_bad_steps: int = 5       # a non-finite loss or gradient skips its step; this many in a row stop the run
 
 
 # Training defaults per preset (spec 1.8, 4.3): global batch, warmup, entropy weight, aux-loss end, disc start,
@@ -97,13 +98,30 @@ IMAGENET_TRAIN_IMAGES = 1_280_000  # 5000 * 256, the official scripts' epoch
 def resolve(cfg):
     """cfg with every -1 / "" default filled from the preset's training defaults."""
     if cfg.size not in TRAIN_PRESETS:
-        raise SystemExit(f"unknown --size {cfg.size!r}; known: {', '.join(TRAIN_PRESETS)}")
+        raise runtime.UserError(f"unknown --size {cfg.size!r}; known: {', '.join(TRAIN_PRESETS)}")
     p = {**PAPER_DEFAULTS, **TRAIN_PRESETS[cfg.size]}  # the preset's values win over the paper defaults
     if "epochs" in p:
         # e.g. S-S: 100 * 1.28M / 128 = 1.0M
         p["max_steps"] = p.pop("epochs") * IMAGENET_TRAIN_IMAGES // p["batch_size"]
     fill = {k: v for k, v in p.items() if getattr(cfg, k) in (-1, "")}  # only the fields left at "the preset's"
     return dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/tokenizer-{cfg.size}", **fill)
+
+def validate(cfg):
+    """Every training field in its range, before anything starts (the flag, its value and what is valid)."""
+    positive = "a number above 0"
+    runtime.check(cfg, [
+        (cfg.max_steps >= 0, "max_steps", "0 or more"), (cfg.batch_size >= 1, "batch_size", "1 or more"),
+        (cfg.lr > 0, "lr", positive), (cfg.end_lr >= 0, "end_lr", "0 or more"), (cfg.warmup >= 0, "warmup", "0 or more"),
+        (0 <= cfg.beta1 < 1, "beta1", "in [0, 1)"), (0 <= cfg.beta2 < 1, "beta2", "in [0, 1)"),
+        (cfg.grad_clip > 0, "grad_clip", positive), (cfg.weight_decay >= 0, "weight_decay", "0 or more"),
+        *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("commit_weight", "entropy_weight", "disc_weight",
+                                                            "perceptual_weight", "semantic_weight", "num_classes",
+                                                            "per_class", "threads", "max_bad_steps")],
+        *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "image_interval", "ckpt_interval",
+                                                            "eval_images")],
+        (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
+        (cfg.missing_helpers in ("stop", "warn"), "missing_helpers", "stop or warn"),
+        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")])
 
 # -----------------------------------------------------------------------------------------------------------
 # The frozen helpers: the DINOv2 teacher (semantic regularization, Sec. 3.2) and the LPIPS network.
@@ -156,7 +174,7 @@ def load_frozen(what, load, flags, cfg, rank):
     if err:
         fix = f"give the machine network access, pass {flags[0]}, or opt out with {flags[1]}"
         if cfg.missing_helpers == "stop":
-            raise SystemExit(f"could not load {what}: {err}\nfix: {fix}")
+            raise runtime.UserError(f"could not load {what}: {err}\nfix: {fix}")
         if rank == 0:
             print(f"warning: could not load {what} ({err}). Training without it; to use it, {fix}.")
     return net
@@ -198,7 +216,7 @@ def init_tokenizer(tok, path, master=True):
     wrong = sorted(set(src) ^ (set(mine) - set(fresh_head))) + \
         [k for k in src if k in mine and src[k].shape != mine[k].shape]
     if wrong:
-        raise SystemExit(f"--init-from {path}: its tokenizer does not fit --size's ({len(wrong)} tensors differ, "
+        raise runtime.UserError(f"--init-from {path}: its tokenizer does not fit --size's ({len(wrong)} tensors differ, "
                          f"first {wrong[0]}); pass the --size it was trained as")
     tok.load_state_dict({**mine, **src})  # strict: every tensor filled
     if master:
@@ -289,6 +307,7 @@ def save_grid(tok, x, path):
 
 def main(cfg: TrainConfig):
     cfg = resolve(cfg)
+    validate(cfg)
     rank, world, device = runtime.setup(cfg, tf32=True)   # TF32 on CUDA, as the official trainer
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
@@ -301,7 +320,7 @@ def main(cfg: TrainConfig):
     shown = torch.stack([val_set[i * len(val_set) // 8][0] for i in range(8)]).to(device)  # 8 held-out images
     tok, disc, teacher, lpips = build_models(cfg, device, rank)
     (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))
-    parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d)  # what a checkpoint holds
+    parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d, scaler=scaler, scaler_disc=scaler_d)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
     if os.path.exists(ckpt_path) and not cfg.fresh:
         # same architecture only
@@ -320,6 +339,7 @@ def main(cfg: TrainConfig):
     batches = data.train_batches(train_set, micro, rank, world, cfg.seed, start=step * cfg.grad_accum,
                                  num_workers=(6 if device.type == "cuda" else 0) if cfg.num_workers < 0 else cfg.num_workers)
     train.train()
+    bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
     t0, seen = time.time(), 0
     while step < cfg.max_steps:
@@ -346,6 +366,7 @@ def main(cfg: TrainConfig):
                     d_loss = discriminator_loss(disc, x, recons, g)
                 scaler_d.scale(d_loss / cfg.grad_accum).backward()
         grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
+        bad(grad_norm, step)  # a non-finite loss skipped this update
         if g > 0:  # the discriminator is not wrapped in DDP: its gradients are averaged here
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
@@ -354,7 +375,7 @@ def main(cfg: TrainConfig):
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             dt, t0 = time.time() - t0, time.time()
             log(step, loss=loss.item(), **{k: v.item() for k, v in t.items()}, d_loss=d_loss.item() if g > 0 else 0.0,
-                usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=seen / dt)
+                usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=seen / dt, skipped=bad.total)
             seen = 0  # images since the last log line
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
             if master:
@@ -375,4 +396,4 @@ def main(cfg: TrainConfig):
 
 
 if __name__ == "__main__":
-    main(runtime.parse_config(TrainConfig()))
+    runtime.run(main, TrainConfig())
