@@ -454,11 +454,19 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
     return out
 
 
-def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir="."):
-    """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see reference_stats)."""
+def generation_inputs(samples, ref):
+    """The samples as an ImageSet; a UserError when they hold no images or either file is of another format."""
     images = ImageSet(samples)
     if not images.has_images:
         raise runtime.UserError(f"--samples {samples}: no images there (a folder of images, or an .npz with arr_0)")
+    if ref:
+        ImageSet(ref)
+    return images
+
+
+def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir="."):
+    """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see reference_stats)."""
+    images = generation_inputs(samples, ref)
     pool, logits = image_set_features(inception, images, cfg.batch_size, device, rank, world, "samples")
     out = dict(samples=len(images))
     out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
@@ -641,6 +649,8 @@ def main(cfg: EvalConfig):
                         (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"), (cfg.threads >= 0, "threads", "0 or more"),
                         *[(not p or os.path.exists(p), k, "no such file or folder") for k, p in
                           (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
+    if cfg.samples:  # before any loading: a folder without images, or a file of another format, is one line
+        generation_inputs(cfg.samples, cfg.ref)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
     out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."  # beside its input

@@ -1179,6 +1179,273 @@ def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
         assert result["teacher"] is None and "warning: could not load the DINOv2 teacher" in buf.getvalue()
 
 
+# ---- reliability: bad flags, bad files, bad numbers, kills and restarts ----
+
+import contextlib
+import io
+import subprocess
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_error(main, cfg, argv):
+    """runtime.run(main, cfg) with the command line argv -> (exit status, what it printed on stderr)."""
+    err, old = io.StringIO(), sys.argv
+    sys.argv = ["script.py"] + argv
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runtime.run(main, cfg)
+        return 0, err.getvalue()
+    except SystemExit as e:
+        return e.code, err.getvalue()
+    finally:
+        sys.argv = old
+
+
+def test_bad_flags_are_one_line_errors_with_exit_status_2():
+    with tempfile.TemporaryDirectory() as d:
+        cases = [(["--size", "foo"], "--size 'foo'"), (["--data", "/nonexistent"], "no such folder"),
+                 (["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "-3"], "--batch-size -3"),
+                 (["--grad-accum", "0"], "--grad-accum 0"), (["--max-steps", "seven"], "--max-steps"),
+                 (["--lr", "0"], "--lr 0.0"), (["--precision", "fp8"], "--precision 'fp8'"),
+                 (["--beta2", "1.5"], "--beta2 1.5"), (["--no-such-flag", "1"], "unrecognized")]
+        for argv, says in cases:
+            code, err = _user_error(train_tokenizer.main, train_tokenizer.TrainConfig(), argv + ["--out-dir", d])
+            lines = [l for l in err.splitlines() if not l.startswith("usage:")]
+            assert code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in err, (argv, code, err)
+        for argv, says in [(["--gpt", "foo"], "--gpt 'foo'"), (["--decay-frac", "0"], "--decay-frac 0.0")]:
+            code, err = _user_error(train_ar.main, train_ar.ARConfig(tokenizer=os.path.join(d, "none.pt")), argv)
+            assert code == 2 and says in err, (argv, code, err)
+        for argv, says in [(["--cfg-scale", "-5"], "--cfg-scale -5.0"), (["--top-p", "3"], "--top-p 3.0"),
+                           (["--temperature", "-1"], "--temperature -1.0"), (["--classes", "a,b"], "--classes")]:
+            code, err = _user_error(sample.main, sample.SampleConfig(), argv)
+            assert code == 2 and says in err, (argv, code, err)
+        os.makedirs(os.path.join(d, "empty"))
+        os.makedirs(os.path.join(d, "one"))
+        from PIL import Image
+        Image.new("RGB", (8, 8)).save(os.path.join(d, "one", "0.png"))
+        with open(os.path.join(d, "ref.npz"), "w") as f:
+            f.write("not an npz")
+        for argv, says in [(["--samples", os.path.join(d, "empty")], "no images there"),
+                           (["--samples", os.path.join(d, "one"), "--ref", os.path.join(d, "ref.npz")], "not a folder"),
+                           ([], "nothing to evaluate")]:
+            code, err = _user_error(evaluate.main, evaluate.EvalConfig(inception_path=os.path.join(d, "no.pth")), argv)
+            assert code == 2 and says in err, (argv, code, err)
+    # and as a real process: status 2, one line after argparse's usage line, no traceback
+    p = subprocess.run([sys.executable, "train_tokenizer.py", "--batch-size", "0"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and p.stderr.strip() == "error: --batch-size 0: 1 or more", p.stderr
+
+
+def _odd_image_folder(d):
+    """A folder of every kind of file a classroom's photos may hold; -> the number of usable images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    rgb = lambda h, w: Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+    for folder in (a, b, os.path.join(d, "empty_class")):
+        os.makedirs(folder)
+    rgb(40, 30).convert("P").save(os.path.join(a, "palette.png"))
+    rgb(40, 30).convert("CMYK").save(os.path.join(a, "cmyk.jpg"))
+    rgb(40, 30).convert("1").save(os.path.join(a, "bilevel.png"))
+    Image.fromarray((rng.integers(0, 65535, (40, 30))).astype(np.uint16)).save(os.path.join(a, "sixteen.png"))
+    rgba = Image.new("RGBA", (30, 30), (255, 0, 0, 0))                        # fully transparent red
+    rgba.save(os.path.join(a, "transparent.png"))
+    Image.new("LA", (30, 30), (0, 0)).save(os.path.join(a, "la.png"))
+    rgb(1, 1).save(os.path.join(a, "tiny.png"))                               # smaller than any crop
+    rgb(3, 4000).save(os.path.join(a, "wide.png"))                            # very wide
+    upright = np.zeros((40, 20, 3), np.uint8)
+    upright[:, :10] = 255                                                     # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                          # "rotate 90 clockwise to view"
+    Image.fromarray(upright).save(os.path.join(b, "exif.jpg"), exif=exif.tobytes(), quality=95)
+    rgb(30, 30).save(os.path.join(b, "png_named.jpg"), format="PNG")          # misnamed, but an image
+    buf = io.BytesIO()
+    rgb(64, 64).save(buf, format="JPEG")
+    with open(os.path.join(b, "truncated.jpg"), "wb") as f:
+        f.write(buf.getvalue()[:300])
+    open(os.path.join(b, "empty.png"), "wb").close()
+    with open(os.path.join(b, "text.png"), "w") as f:
+        f.write("not an image")
+    with open(os.path.join(b, "notes.txt"), "w") as f:
+        f.write("not an image either")
+    return 13
+
+
+def test_image_folder_uses_odd_images_and_skips_bad_files_with_a_count():
+    import warnings
+    with tempfile.TemporaryDirectory() as d:
+        _odd_image_folder(d)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, val = data.make_dataset(d, "train", 16), data.make_dataset(d, "val", 16)
+        assert any("skipped 1 files that are not images" in str(w.message) and "1 class folders without images"
+                   in str(w.message)
+                   for w in caught), [str(w.message) for w in caught]
+        assert train.classes == val.classes == ["a", "b", "empty_class"]
+        assert len(train) + len(val) == 13 and len(val) == 2                   # a held-out image per class of >= 2
+        seen = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(len(train)):
+                x, y = train[i]
+                assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
+                seen[os.path.basename(train.samples[i][0])] = x
+                assert train.train_item(i, np.random.default_rng(i))[0].shape == (3, 16, 16)
+        unreadable = {os.path.basename(str(w.message).split()[2]) for w in caught if "unreadable image" in str(w.message)}
+        assert unreadable == {"truncated.jpg", "empty.png", "text.png"} & {os.path.basename(p) for p, _ in train.samples}
+        assert torch.allclose(seen["transparent.png"], torch.ones(3, 16, 16))   # transparency over white
+        assert seen["sixteen.png"].std() > 0.2                                   # 16-bit scaled, not clipped white
+        exif = data.open_rgb(os.path.join(d, "b", "exif.jpg"))
+        assert exif.size == (40, 20) and np.asarray(exif)[:10].mean() > 200 > np.asarray(exif)[10:].mean()  # upright
+        with tempfile.TemporaryDirectory() as d1:  # a class of one image cannot be split: a one-line error
+            os.makedirs(os.path.join(d1, "only"))
+            from PIL import Image
+            Image.new("RGB", (8, 8)).save(os.path.join(d1, "only", "x.png"))
+            try:
+                data.make_dataset(d1, "val", 16)
+                raise AssertionError("an unsplittable set was accepted")
+            except runtime.UserError as e:
+                assert "at least 2 images" in str(e), e
+
+
+def test_nonfinite_steps_are_skipped_and_counted_and_a_run_of_them_stops_cleanly():
+    real = train_tokenizer.loss_terms
+    calls = [0]
+
+    def sometimes_nan(*a, **k):
+        terms, recons = real(*a, **k)
+        calls[0] += 1
+        if calls[0] in poisoned:
+            terms = dict(terms, mse=terms["mse"] * float("nan"))
+        return terms, recons
+    train_tokenizer.loss_terms = sometimes_nan
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            poisoned = {3}
+            result, rows = _tok_run(d, max_steps=5)
+            assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1]
+            assert all(torch.isfinite(v).all() for v in result["tokenizer"].state_dict().values() if v.is_floating_point())
+            poisoned, calls[0] = set(range(100)), 0
+            before = model.read_checkpoint(os.path.join(d, "ckpt.pt"))["model"]
+            try:
+                _tok_run(d, max_steps=12, max_bad_steps=3, fresh=True, ckpt_interval=1)
+                raise AssertionError("a run of non-finite steps went on")
+            except SystemExit as e:
+                assert "not finite for 3 steps in a row" in str(e), e
+            after = model.read_checkpoint(os.path.join(d, "ckpt.pt"))
+            assert after["step"] == 2 and all(torch.isfinite(v).all() for v in after["model"].values()
+                                              if v.is_floating_point())
+            assert not all(torch.equal(before[k], after["model"][k]) for k in before)  # the fresh run's, intact
+    finally:
+        train_tokenizer.loss_terms = real
+
+
+def test_resume_accepts_changed_training_fields_and_names_changed_architecture_fields():
+    with tempfile.TemporaryDirectory() as d:
+        _tok_run(d, max_steps=2)
+        ckpt = model.read_checkpoint(os.path.join(d, "ckpt.pt"))
+        assert {"scaler", "scaler_disc"} <= set(ckpt)                         # fp16's loss scale is saved too
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            _tok_run(d, max_steps=3, entropy_weight=0.02)
+        assert "entropy_weight 0.005 -> 0.02" in buf.getvalue()
+        bad = dict(ckpt, config=dict(ckpt["config"], tokenizer=dict(ckpt["config"]["tokenizer"], codebook_size=512)))
+        runtime.save_checkpoint(bad, os.path.join(d, "ckpt.pt"))
+        try:
+            _tok_run(d, max_steps=4)
+            raise AssertionError("a checkpoint of another architecture was resumed")
+        except runtime.UserError as e:
+            assert "codebook_size 512 -> 1024" in str(e) and "--fresh" in str(e), e
+
+
+def _toy_command(out_dir, *extra):
+    return [sys.executable, "train_tokenizer.py", "--out-dir", out_dir, "--batch-size", "2", "--max-steps", "12",
+            "--ckpt-interval", "1", "--log-interval", "1", "--image-interval", "1000", "--eval-images", "2",
+            "--teacher", "none", "--lpips", "false", "--threads", "1", "--per-class", "2", *extra]
+
+
+def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
+    import signal
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(_toy_command(os.path.join(d, "straight")), cwd=REPO, check=True, capture_output=True)
+        killed = os.path.join(d, "killed")
+        for delay in (3.5, 5.0, 6.2):                  # seconds after the start: in steps and in checkpoint writes
+            p = subprocess.Popen(_toy_command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        subprocess.run(_toy_command(killed), cwd=REPO, check=True, capture_output=True)
+        a, b = (model.read_checkpoint(os.path.join(d, run, "ckpt.pt")) for run in ("straight", "killed"))
+        assert a["step"] == b["step"] == 12
+        diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
+        assert diff == 0, diff
+
+
+def _torchrun(n, *args, restarts=0):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           f"--max-restarts={restarts}", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def _max_diff(d, run_a, run_b):
+    a, b = (model.read_checkpoint(os.path.join(d, run, "ckpt.pt"))["model"] for run in (run_a, run_b))
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_two_gloo_processes_equal_one_at_twice_the_batch_with_and_without_grad_accum():
+    # the entropy loss averages over each process's micro-batch (a batch-dependent term): off here, as the README says
+    with tempfile.TemporaryDirectory() as d:
+        common = ["--max-steps", "3", "--eval-images", "2", "--teacher", "none", "--lpips", "false", "--threads", "1",
+                  "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000", "--log-interval", "1"]
+        for name, n, extra in [("one", 1, ["--batch-size", "4"]), ("two", 2, ["--batch-size", "4"]),
+                               ("one-8", 1, ["--batch-size", "8"]), ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
+            p = _torchrun(n, "train_tokenizer.py", "--out-dir", os.path.join(d, name), *extra, *common)
+            assert p.returncode == 0, p.stderr[-2000:]
+        diffs = _max_diff(d, "one", "two"), _max_diff(d, "one-8", "two-accum")
+        print(f"max abs weight difference after 3 steps: 2 processes {diffs[0]:.2e}, with --grad-accum 2 {diffs[1]:.2e}")
+        assert max(diffs) < 1e-5, diffs
+
+
+def _pids_running(text):
+    """The processes whose command line contains text (Linux /proc)."""
+    pids = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if p.isdigit() and text in f.read().decode(errors="replace") and int(p) != os.getpid():
+                    pids.append(int(p))
+        except OSError:
+            pass
+    return pids
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkpoint():
+    import signal
+    with tempfile.TemporaryDirectory() as d:
+        common = ["--batch-size", "4", "--max-steps", "40", "--ckpt-interval", "5", "--eval-images", "2", "--teacher",
+                  "none", "--lpips", "false", "--threads", "1", "--entropy-weight", "0", "--per-class", "2",
+                  "--image-interval", "1000", "--log-interval", "1"]
+        out = os.path.join(d, "restarted")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               "train_tokenizer.py", "--out-dir", out, *common]
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "ckpt.pt")) and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [q for q in _pids_running(out) if q != p.pid and "torch.distributed.run" not in
+                   open(f"/proc/{q}/cmdline", "rb").read().decode(errors="replace")]
+        assert workers, "no worker to kill"
+        os.kill(workers[-1], signal.SIGKILL)                                     # one worker dies mid-run
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log[-3000:]
+        assert "resuming from step" in log, log[-3000:]                         # the restarted workers resumed
+        p = _torchrun(2, "train_tokenizer.py", "--out-dir", os.path.join(d, "straight"), *common)
+        assert p.returncode == 0, p.stderr[-2000:]
+        diff = _max_diff(d, "straight", "restarted")
+        print(f"restarted vs uninterrupted: max abs weight difference {diff:.2e}")
+        assert diff < 1e-6, diff
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
