@@ -184,9 +184,9 @@ def open_rgb(path):
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             a = np.asarray(img, dtype=np.float64)
             a = a / 257 if a.max() > 255 else a * 255 if a.max() <= 1 else a   # 16-bit, or floats in [0, 1]
-            img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+            img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))  # rounded to 8 bits
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))  # over white
         return img.convert("RGB")
 
 
@@ -248,15 +248,16 @@ class ImageFolder:
             files = [p for p in names if is_img(p)]
             others, empty = others + len(names) - len(files), empty + ([self.classes[label]] if not files else [])
             if held_out is not None:  # 5% held out, the same files every run; a small class holds out its last
+                # indices held out
                 val = {j for j in range(len(files)) if j % 20 == 19} or ({len(files) - 1} if len(files) >= 2 else set())
                 files = [p for j, p in enumerate(files) if (j in val) == held_out]
             self.samples += [(p, label) for p in files[:per_class or None]]  # (path, class index) pairs
         if others or empty:
             warnings.warn(f"{base}: skipped {others} files that are not images ({', '.join(IMAGE_EXTENSIONS)})"
                           + (f" and {len(empty)} class folders without images ({', '.join(empty[:5])})" if empty else ""))
-        if not self.samples:
-            raise runtime.UserError(f"--data {root}: no {split} images under {base}" + (
-                " (a held-out split needs classes of at least 2 images)" if held_out else f" ({', '.join(IMAGE_EXTENSIONS)})"))
+        if not self.samples:  # nothing to train or evaluate on: say so before anything starts
+            why = " (a held-out split needs classes of at least 2 images)" if held_out else ""
+            raise runtime.UserError(f"--data {root}: no {split} images ({', '.join(IMAGE_EXTENSIONS)}) under {base}{why}")
 
     def __len__(self):
         return len(self.samples)
@@ -267,7 +268,7 @@ class ImageFolder:
         for k in range(len(self.samples)):
             path, y = self.samples[(i + k) % len(self.samples)]
             try:
-                return open_rgb(path), y
+                return open_rgb(path), y  # any mode -> RGB
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 _unreadable[0] += 1
                 warnings.warn(f"unreadable image {path} ({type(e).__name__}: {e}); using the next one "

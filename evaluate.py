@@ -644,16 +644,20 @@ def main(cfg: EvalConfig):
     if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
         raise runtime.UserError("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
     runtime.check(cfg, [(cfg.split in ("train", "val"), "split", "train or val"),
-                        (cfg.num_images >= 0, "num_images", "0 (all) or more"), (cfg.batch_size >= 1, "batch_size", "1 or more"),
+                        (cfg.num_images >= 0, "num_images", "0 (all) or more"),
+                        (cfg.batch_size >= 1, "batch_size", "1 or more"),
                         (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"), (cfg.probe_lr > 0, "probe_lr", "above 0"),
-                        (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"), (cfg.threads >= 0, "threads", "0 or more"),
+                        (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"),
+                        (cfg.threads >= 0, "threads", "0 or more"),
                         *[(not p or os.path.exists(p), k, "no such file or folder") for k, p in
                           (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
+    # the flags first: a wrong path is one line before Inception or a checkpoint is read
     if cfg.samples:  # before any loading: a folder without images, or a file of another format, is one line
         generation_inputs(cfg.samples, cfg.ref)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
-    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."  # beside its input
+    # beside its input
+    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     results, notes, inception = {}, [], None
@@ -697,6 +701,10 @@ def main(cfg: EvalConfig):
     if cfg.ckpt:
         if tok is None:
             raise runtime.UserError(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
+        # the codes must be the vocabulary the GPT was trained on
+        if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
+            raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) "
+                                    f"does not fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
         probe = linear_probe(gpt, tok, tok_path, cfg, gpt_config.get("train", {}), device, rank, world)
         if master:
             results["linear_probe"] = probe

@@ -570,7 +570,8 @@ class GPT(nn.Module):
         # the condition: one learned vector per class, fed as the first token (LlamaGen's c2i)
         self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # the last row is the null class
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))  # gpt_1d: learned, no RoPE
+        # gpt_1d: learned, no RoPE
+        self.positional_embedding = nn.Parameter(cfg.dim ** -0.5 * torch.randn(cfg.block_size + 1, cfg.dim))
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -652,7 +653,8 @@ def identity_init(tok):
     for m in tok.modules():
         ends = [m.conv2] if isinstance(m, ResnetBlock) else []
         if isinstance(m, (ViTLayer, QFormerLayer)):
-            ends = [a.out_proj for a in m.children() if isinstance(a, nn.MultiheadAttention)] + [m.mlp[-1]]  # each branch's last layer
+            # the last layer of each residual branch: both attentions' output projections, the MLP's output
+            ends = [a.out_proj for a in m.children() if isinstance(a, nn.MultiheadAttention)] + [m.mlp[-1]]
         for layer in ends:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -875,11 +877,13 @@ def _load_strict(model, named, source):
 
 
 def _index_count(sd, prefix, pos):  # 1 + the largest index at dotted position `pos` of names under prefix
-    return 1 + max((int(k.split(".")[pos]) for k in sd if k.startswith(prefix)), default=-1)  # e.g. layers.0 .. layers.5 -> 6
+    # e.g. layers.0 .. layers.5 -> 6
+    return 1 + max((int(k.split(".")[pos]) for k in sd if k.startswith(prefix)), default=-1)
 
 
 def _transformer_size(sd, prefix):
-    width, depth = sd[prefix + ".embed.weight"].shape[0], _index_count(sd, prefix + ".layers.", 2)  # (width, z) embedding
+    # (width, z) embedding
+    width, depth = sd[prefix + ".embed.weight"].shape[0], _index_count(sd, prefix + ".layers.", 2)
     for name, (w, d, _) in TRANSFORMER_SIZES.items():
         if (w, d) == (width, depth):
             return name

@@ -12,6 +12,7 @@ both trainers share (the learning-rate schedule, resume, compile/DDP wrapping, t
 """
 import argparse
 import dataclasses
+import glob
 import inspect
 import json
 import math
@@ -67,7 +68,7 @@ class UserError(SystemExit):
     """A user's mistake (a flag, a path, a file that does not fit): the message, exit status 2, no traceback.
     runtime.run prints it as one line; a test calling main() catches it (str(e) is the message)."""
     def __init__(self, message):
-        super().__init__(2)
+        super().__init__(2)  # exit status 2, as argparse's for a bad flag
         self.message = message
 
     def __str__(self):
@@ -77,7 +78,7 @@ class UserError(SystemExit):
 def check(cfg, rules):
     """rules: (ok, field, what is valid) triples; the first that fails is a UserError naming the flag and value."""
     for ok, field, valid in rules:
-        if not ok:
+        if not ok:  # the first broken rule is the one reported
             raise UserError(f"--{field.replace('_', '-')} {getattr(cfg, field)!r}: {valid}")
 
 
@@ -209,8 +210,8 @@ def resume(path, parts, identity, train, master):
     if not os.path.exists(path):
         return 0
     ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
-    for key, value in identity.items():
-        theirs = ckpt["config"].get(key)
+    for key, value in identity.items():  # e.g. {"tokenizer": the architecture's config dict}
+        theirs = ckpt["config"].get(key)  # what the checkpoint was made with
         if not same(theirs, value):
             fields = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in value.items() if not same(theirs.get(k), v)] \
                 if isinstance(value, dict) and isinstance(theirs, dict) else []
@@ -219,6 +220,7 @@ def resume(path, parts, identity, train, master):
     for key, part in parts.items():
         if ckpt.get(key):  # a GradScaler's state: {} when it was off (fp32), absent in older checkpoints
             part.load_state_dict(ckpt[key])  # copies into the module's (device) tensors
+    # field -> old value
     changed = {k: v for k, v in ckpt["config"].get("train", {}).items() if not same(v, train.get(k, v))}
     if changed and master:
         print("note: resuming with changed training settings: "
@@ -265,7 +267,7 @@ class BadSteps:
         self.limit, self.ckpt_path, self.total, self.in_row = limit, ckpt_path, 0, 0
 
     def __call__(self, grad_norm, step):
-        finite = bool(torch.isfinite(grad_norm))
+        finite = bool(torch.isfinite(grad_norm))  # a NaN anywhere makes the total norm NaN
         self.total, self.in_row = self.total + (not finite), 0 if finite else self.in_row + 1
         if self.limit and self.in_row >= self.limit:
             raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "
@@ -286,6 +288,9 @@ def save_checkpoint(obj, path):
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # one writer per run folder (rank 0), so any temporary file here is a dead writer's
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a writer killed mid-write
+        os.remove(stale)
     tmp = f"{path}.tmp{os.getpid()}"  # in the same folder, so the rename is atomic
     try:
         with open(tmp, "wb") as f:

@@ -146,9 +146,9 @@ def validate(cfg):
 
 def grid_classes(cfg, num_classes):
     """The grid's rows: --classes, each checked against the model's classes, or up to 10 evenly spaced ones."""
-    if not cfg.classes:
+    if not cfg.classes:  # the default grid: up to 10 rows, spread over the classes
         return sorted({round(i * (num_classes - 1) / max(1, min(10, num_classes) - 1)) for i in range(min(10, num_classes))})
-    runtime.check(cfg, [(all(int(c) < num_classes for c in cfg.classes.split(",")), "classes",
+    runtime.check(cfg, [(all(int(c) < num_classes for c in cfg.classes.split(",")), "classes",  # ids the model knows
                          f"class ids from 0 to {num_classes - 1} (this model has {num_classes} classes)")])
     return [int(c) for c in cfg.classes.split(",")]
 

@@ -216,7 +216,8 @@ def validate(cfg):
     runtime.check(cfg, [
         (cfg.max_steps >= 0, "max_steps", "0 or more"), (cfg.batch_size >= 1, "batch_size", "1 or more"),
         (cfg.lr > 0, "lr", "a number above 0"), (cfg.warmup >= 0, "warmup", "0 or more"),
-        (cfg.schedule in ("wsd", "cosine"), "schedule", "wsd or cosine"), (0 < cfg.decay_frac <= 1, "decay_frac", "in (0, 1]"),
+        (cfg.schedule in ("wsd", "cosine"), "schedule", "wsd or cosine"),
+        (0 < cfg.decay_frac <= 1, "decay_frac", "in (0, 1]"),
         (0 <= cfg.beta1 < 1, "beta1", "in [0, 1)"), (0 <= cfg.beta2 < 1, "beta2", "in [0, 1)"),
         (cfg.grad_clip > 0, "grad_clip", "a number above 0"), (cfg.cfg_scale >= 0, "cfg_scale", "0 or more"),
         *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("weight_decay", "num_classes", "per_class", "threads",

@@ -122,6 +122,16 @@ def validate(cfg):
         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
         (cfg.missing_helpers in ("stop", "warn"), "missing_helpers", "stop or warn"),
         (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")])
+    return cfg
+
+
+def datasets(cfg, device):
+    """-> the training and held-out sets at the preset's resolution, and 8 held-out images (8, 3, S, S) to show."""
+    size = TOKENIZER_PRESETS[cfg.size].image_size
+    train_set = data.make_dataset(cfg.data, "train", size, cfg.seed, cfg.num_classes, cfg.per_class)
+    val_set = data.make_dataset(cfg.data, "val", size, cfg.seed, cfg.num_classes)
+    # spread over the set
+    return train_set, val_set, torch.stack([val_set[i * len(val_set) // 8][0] for i in range(8)]).to(device)
 
 # -----------------------------------------------------------------------------------------------------------
 # The frozen helpers: the DINOv2 teacher (semantic regularization, Sec. 3.2) and the LPIPS network.
@@ -306,31 +316,25 @@ def save_grid(tok, x, path):
 # Training
 
 def main(cfg: TrainConfig):
-    cfg = resolve(cfg)
-    validate(cfg)
+    cfg = validate(resolve(cfg))  # every flag checked before anything is loaded
     rank, world, device = runtime.setup(cfg, tf32=True)   # TF32 on CUDA, as the official trainer
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
     precision, autocast = runtime.autocast_for(cfg.precision, device)
 
     # 1. data, models, optimizers, and the checkpoint to continue from
-    size = TOKENIZER_PRESETS[cfg.size].image_size
-    train_set = data.make_dataset(cfg.data, "train", size, cfg.seed, cfg.num_classes, cfg.per_class)
-    val_set = data.make_dataset(cfg.data, "val", size, cfg.seed, cfg.num_classes)
-    shown = torch.stack([val_set[i * len(val_set) // 8][0] for i in range(8)]).to(device)  # 8 held-out images
+    train_set, val_set, shown = datasets(cfg, device)
     tok, disc, teacher, lpips = build_models(cfg, device, rank)
     (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))
     parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d, scaler=scaler, scaler_disc=scaler_d)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
-    if os.path.exists(ckpt_path) and not cfg.fresh:
-        # same architecture only
+    if os.path.exists(ckpt_path) and not cfg.fresh:  # the same architecture only
         step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master)
     elif cfg.init_from:
         init_tokenizer(tok, cfg.init_from, master)
     # find_unused: the semantic head idles without a teacher, the shortcut after aux_loss_end
     train = runtime.wrap(tok, cfg, world, device, find_unused=True)  # compiled / DDP; tok stays the plain module
-    # plain dicts: weights_only-readable
-    config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)
+    config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)  # plain dicts
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
     log.say(summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step))
@@ -381,7 +385,8 @@ def main(cfg: TrainConfig):
             if master:
                 save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"))
             if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
-                log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])  # through the codes
+                # through the codes
+                log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
