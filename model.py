@@ -61,6 +61,7 @@ class TokenizerConfig:
     distill_depth: int = 3           # decoder layer whose output is aligned to the teacher (Sec. 3.2, l = 3)
     dropout: float = 0.0
     init: str = "official"           # "official" (trunc-normal 0.02) or "identity" (ours, for short runs; see identity_init)
+    query_init_2d: str = "token0"    # 1D only: how the decoder's g*g queries start (QFormerDecoder); "token0" official
 
     @property
     def grid(self):  # side of the CNN feature grid = of the decoder's 2D queries = of the teacher's patch grid
@@ -91,6 +92,12 @@ TOKENIZER_PRESETS = {
     "toy": TokenizerConfig(image_size=64, kind="2d", layer_type="vit", encoder_size="toy", decoder_size="toy",
                            num_latent_tokens=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
                            norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity"),  # DINOv2-S/14
+    # ours: the same toy as the paper's 1D Q-Former tokenizer, its decoder's queries started from the finest-level
+    # latent tokens (the official last_level_2d_query_init); see README "The 1D toy"
+    "toy-1d": TokenizerConfig(image_size=64, kind="1d", layer_type="detr", encoder_size="toy", decoder_size="toy",
+                              num_latent_tokens=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
+                              norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity",
+                              query_init_2d="last_level"),
 }
 
 # -----------------------------------------------------------------------------------------------------------
@@ -278,6 +285,29 @@ def multi_level_pool(x, n):
     return torch.cat(groups, dim=1)
 
 
+def multi_level_unpool(x, g, levels="all"):
+    """The inverse of multi_level_pool, for the decoder's 2D queries: latent tokens (B, n, C) -> (B, g*g, C), each
+    grid cell taking the token(s) of the pooling blocks that cover it (each group's block map upsampled, nearest).
+    levels="last": the finest group only (official last_level_1d_features_to_2d_maps); "all": the mean over every
+    group, the two global tokens included (what the official multi_level_1d_features_to_2d_maps_avg intends; its
+    index bookkeeping resets inside the loop, so it reads other tokens: spec 8.18)."""
+    B, n, C = x.shape
+    L = round(math.log2(n))
+    assert 2 ** L == n and n >= 2, f"num_latent_tokens must be a power of two >= 2, got {n}"
+    out, start = 0, 0
+    for i in range(L + 1):                                       # the groups of multi_level_pool, coarse to fine
+        level = max(i - 1, 0)
+        hb, wb = 2 ** (level // 2), 2 ** ((level + 1) // 2)      # this group's blocks along height and width
+        group = x[:, start:start + hb * wb]                      # (B, hb*wb, C), row-major blocks
+        start += hb * wb
+        if levels == "last" and i < L:
+            continue
+        m = group.transpose(1, 2).reshape(B, C, hb, wb)          # the block map
+        out = out + F.interpolate(m, size=(g, g), mode="nearest")  # (B, C, g, g): each cell its block's token
+    out = out / (L + 1 if levels == "all" else 1)
+    return out.flatten(2).transpose(1, 2)                        # (B, g*g, C), row-major cells
+
+
 def semantic_mlp(width, out_dim):
     """The semantic-regularization head (Sec. 3.2): 3-layer SiLU MLP from decoder width to the teacher's width."""
     return nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, 4 * width), nn.SiLU(),
@@ -310,9 +340,11 @@ class QFormerEncoder(nn.Module):
 
 
 class QFormerDecoder(nn.Module):
-    """N latent tokens (B, N, z) -> CNN-decoder input (B, z, g, g). The g*g 2D queries all start as latent token 0
-    (the official code takes token 0, the slot seeded from the global mean); spatial identity comes from their
-    learned positional embedding alone. The latent tokens are the fixed memory; only the queries evolve.
+    """N latent tokens (B, N, z) -> CNN-decoder input (B, z, g, g). The g*g 2D queries start as cfg.query_init_2d says.
+    "token0", the official configs': all as latent token 0 (the slot seeded from the global mean), so spatial
+    identity comes from their learned positional embedding alone. "last_level" / "multi_level" (official options)
+    start each cell from the latent tokens whose pooling blocks cover it (multi_level_unpool); "learnable" (official
+    learnable_2d_query_init) from a learned table q_2d. The latent tokens are the fixed memory; only the queries evolve.
     With features=True it also returns the queries after layer `distill_depth` (B, g*g, w) and their semantic
     projection (B, g*g, teacher_dim), which the semantic regularization aligns with the teacher (Sec. 3.2)."""
     def __init__(self, cfg):
@@ -325,12 +357,21 @@ class QFormerDecoder(nn.Module):
         self.layers = nn.ModuleList(QFormerLayer(w, heads, cfg.dropout) for _ in range(depth))
         self.semantic_head = semantic_mlp(w, cfg.teacher_dim) if cfg.teacher_dim else None
         self.ln_post, self.conv_out = nn.LayerNorm(w), nn.Conv2d(w, cfg.z_channels, 3, padding=1)
-        self.grid, self.distill_depth = cfg.grid, cfg.distill_depth
+        self.grid, self.distill_depth, self.query_init = cfg.grid, cfg.distill_depth, cfg.query_init_2d
+        assert self.query_init in ("token0", "last_level", "multi_level", "learnable"), \
+            f"query_init_2d must be token0, last_level, multi_level or learnable, got {self.query_init!r}"
+        if self.query_init == "learnable":                             # the only init that adds a parameter
+            self.q_2d = nn.Parameter(w ** -0.5 * torch.randn(G, w))
 
     def forward(self, tokens, features=False):
         B, N, _ = tokens.shape
         x = self.embed(self.ln_pre(tokens))                                              # (B, N, w) the memory
-        q = x[:, :1].expand(B, self.grid ** 2, -1)                                       # (B, g*g, w)
+        if self.query_init == "token0":
+            q = x[:, :1].expand(B, self.grid ** 2, -1)                                   # (B, g*g, w)
+        elif self.query_init == "learnable":
+            q = self.q_2d.expand(B, -1, -1)
+        else:
+            q = multi_level_unpool(x, self.grid, "last" if self.query_init == "last_level" else "all")
         feat = None
         for i, layer in enumerate(self.layers):
             q = layer(q, x, self.pos_query, self.pos_latent)
@@ -839,7 +880,7 @@ def _rename(sd, rules, layer_rules=()):
         for pattern, repl in layer_rules:
             new = re.sub(pattern, repl, new)
         # positional tables: the official code keeps them sequence-first
-        if new.split(".")[-1].startswith("pos") and t.dim() == 3:  # (L, 1, C) sequence-first -> (L, C)
+        if (new.split(".")[-1].startswith("pos") or new == "decoder.q_2d") and t.dim() == 3:  # (L, 1, C) -> (L, C)
             t = t.squeeze(1)
         if re.fullmatch(r"(quant_conv|post_quant_conv|encoder\.proj_out)\.weight", new) and t.dim() == 4:
             t = t.flatten(1)                                     # 1x1 conv (out, in, 1, 1) -> Linear (out, in)
@@ -906,9 +947,11 @@ def tokenizer_config_from_shapes(sd):
                 codebook_size=sd["quantizer.embedding.weight"].shape[0],
                 codebook_dim=sd["quantizer.embedding.weight"].shape[1],
                 teacher_dim=head.shape[0] if head is not None else 0)
+    if "decoder.q_2d" in sd:
+        arch["query_init_2d"] = "learnable"
     arch["num_latent_tokens"] = sd["encoder.pos_query"].shape[0] if kind == "1d" else sd["encoder.pos"].shape[0]  # N
     for preset in TOKENIZER_PRESETS.values():  # the semantic head may have been stripped: not compared
-        if all(getattr(preset, k) == v for k, v in arch.items() if k != "teacher_dim"):
+        if all(getattr(preset, k) == v for k, v in arch.items() if k not in ("teacher_dim", "query_init_2d")):
             return dataclasses.replace(preset, **arch)
     return TokenizerConfig(**arch)
 
@@ -930,7 +973,8 @@ def load_tokenizer(path_or_state, device="cpu"):
     except KeyError as e:
         raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
     if source == "official GigaTok":  # not in the shapes: the official code has 32 groups and its own init
-        cfg = dataclasses.replace(cfg, norm_groups=32, init="official")
+        cfg = dataclasses.replace(cfg, norm_groups=32, init="official",
+                                  query_init_2d="learnable" if "decoder.q_2d" in named else "token0")
     cfg = _overlay(cfg, config, "tokenizer")  # our checkpoints also carry their config
     return _load_strict(Tokenizer(cfg), named, source).to(device)
 

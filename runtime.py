@@ -213,7 +213,7 @@ def resume(path, parts, identity, train, master):
     for key, value in identity.items():  # e.g. {"tokenizer": the architecture's config dict}
         theirs = ckpt["config"].get(key)  # what the checkpoint was made with
         if not same(theirs, value):
-            fields = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in value.items() if not same(theirs.get(k), v)] \
+            fields = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in value.items() if not same(theirs.get(k), v)] \
                 if isinstance(value, dict) and isinstance(theirs, dict) else []
             raise UserError(f"{path} was made with another {key.replace('_', ' ')}" + (f" ({', '.join(fields)})"
                             if fields else "") + ": pass --fresh, or another --out-dir")

@@ -32,7 +32,7 @@ from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
 
 def toy_cfg(**kw):
     """The toy's numbers in the official form (1D Q-Former, 32 groups, official init) unless kw says otherwise."""
-    official = dict(kind="1d", layer_type="detr", norm_groups=32, init="official")
+    official = dict(kind="1d", layer_type="detr", norm_groups=32, init="official", query_init_2d="token0")
     return dataclasses.replace(TOKENIZER_PRESETS["toy"], **{**official, **kw})
 
 
@@ -40,7 +40,7 @@ def test_tokenizer_param_counts_match_official():
     # exact totals of the official modules (semantic MLP included, as the paper counts; spec 1.9)
     official = {"s-s": 136_073_227, "s-b": 232_399_627, "s-l": 532_850_000, "b-l": 621_637_131,
                 "xl-xxl": 2_893_970_443, "s-s-2d": 135_548_427, "s-b-2d": 197_132_555, "b-l-2d": 491_410_187}
-    assert set(official) | {"toy"} == set(TOKENIZER_PRESETS)
+    assert set(official) | {"toy", "toy-1d"} == set(TOKENIZER_PRESETS)
     for name, count in official.items():
         t0 = time.time()
         with torch.device("meta"):
@@ -235,6 +235,30 @@ def test_identity_init_starts_every_residual_branch_at_zero():
             assert torch.equal(up, up[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3))
             gamma = tok.cnn_decoder.up[0].adaptive.gamma(torch.zeros(1, 64))
             assert torch.equal(gamma, torch.ones_like(gamma))
+
+
+def test_decoder_2d_query_inits():
+    # multi_level_unpool inverts multi_level_pool: a map constant on the finest pooling blocks comes back unchanged
+    # ("last"), and "all" is the mean over levels; the decoder's "token0" (official) and "last_level" add no
+    # parameter, "learnable" adds decoder.q_2d only; with the identity init the untrained 1D toy already passes the
+    # image's layout through (its decoder output is not the same at every grid cell)
+    torch.manual_seed(0)
+    fine = F.interpolate(torch.randn(2, 5, 4, 8), size=(8, 8), mode="nearest")     # 64 tokens: finest blocks 4x8
+    back = model.multi_level_unpool(model.multi_level_pool(fine, 64), 8, "last")
+    assert torch.allclose(back.transpose(1, 2).reshape(2, 5, 8, 8), fine, atol=1e-6)
+    const = torch.randn(2, 1, 5).expand(2, 64, 5)
+    assert torch.allclose(model.multi_level_unpool(const, 8, "all"), const, atol=1e-6)
+    names = {m: set(Tokenizer(toy_cfg(query_init_2d=m)).state_dict()) for m in ("token0", "last_level", "learnable")}
+    assert names["token0"] == names["last_level"] and names["learnable"] - names["token0"] == {"decoder.q_2d"}
+    tok = Tokenizer(TOKENIZER_PRESETS["toy-1d"]).eval()
+    assert tok.cfg.kind == "1d" and tok.cfg.query_init_2d == "last_level"
+    with torch.no_grad():
+        spatial = tok.decoder(tok.post_quant_conv(tok.quant_conv(tok.encoder(tok.cnn_encoder(torch.rand(1, 3, 64, 64))))))[0]
+    assert spatial.flatten(2).std(-1).mean() > 1e-3
+    learnable = Tokenizer(toy_cfg(query_init_2d="learnable")).eval()       # an official checkpoint with q_2d loads
+    loaded = model.load_tokenizer(_official_checkpoint(_official_tokenizer_state(learnable)))
+    assert loaded.cfg.query_init_2d == "learnable"
+    _assert_same_tokenizer(learnable, loaded, 64)
 
 
 def test_gpt_kv_cache_matches_full_forward():
