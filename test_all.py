@@ -1478,6 +1478,17 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkp
         assert diff < 1e-6, diff
 
 
+# ---- bench.py ----
+
+def test_bench_prints_a_row_for_every_measurement():
+    import bench
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bench.main(bench.BenchConfig(batch_size=2, ar_batch_size=2, samples=1, steps=1, device="cpu"))
+    rows = [l for l in buf.getvalue().splitlines() if "GFLOP" in l]
+    assert len(rows) == 7 and all("/s" in r and "peak" in r for r in rows), buf.getvalue()  # figures, not timings
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
