@@ -829,6 +829,9 @@ def test_train_ar_ten_crops_and_wsd_schedule():
 def _register_tiny_ar():  # a 0.14M-parameter AR size for the end-to-end tests, trained like the toy
     GPT_PRESETS.setdefault("test-tiny", dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=64))
     train_ar.AR_TRAIN_PRESETS.setdefault("test-tiny", train_ar.AR_TRAIN_PRESETS["toy"])
+    # and without class dropout: each process draws its own labels to drop, so only this one compares across worlds
+    GPT_PRESETS.setdefault("test-exact", dataclasses.replace(GPT_PRESETS["test-tiny"], class_dropout=0.0))
+    train_ar.AR_TRAIN_PRESETS.setdefault("test-exact", train_ar.AR_TRAIN_PRESETS["toy"])
 
 
 def _tiny_tokenizer_checkpoint(folder):
@@ -840,22 +843,28 @@ def _tiny_tokenizer_checkpoint(folder):
     return path
 
 
+def _tiny_code_cache(folder):
+    """A tiny tokenizer checkpoint and a small code set written straight into its cache: 8 classes, one fixed
+    random sequence each. -> (tokenizer path, code_dir)"""
+    tok_path = _tiny_tokenizer_checkpoint(folder)
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(0, 64, (8, 16))
+    for split, views in (("train", 10), ("val", 1)):
+        split_dir = os.path.join(folder, "codes", split)
+        os.makedirs(split_dir)
+        np.save(os.path.join(split_dir, "codes.npy"), np.repeat(seqs[:, None], views, 1).astype(np.uint16))
+        np.save(os.path.join(split_dir, "labels.npy"), np.arange(8))
+        runtime.write_json(os.path.join(split_dir, "meta.json"), dict(
+            fingerprint=train_ar.tokenizer_fingerprint(model.load_tokenizer(tok_path)), data="synthetic",
+            num_classes=0, per_class=0, views=views, classes=list("abcdefgh")))
+    return tok_path, os.path.join(folder, "codes")
+
+
 def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
-        tok_path = _tiny_tokenizer_checkpoint(d)
-        # a small code set written straight into the cache: 8 classes, one fixed random sequence each
-        rng = np.random.default_rng(0)
-        seqs = rng.integers(0, 64, (8, 16))
-        for split, views in (("train", 10), ("val", 1)):
-            folder = os.path.join(d, "codes", split)
-            os.makedirs(folder)
-            np.save(os.path.join(folder, "codes.npy"), np.repeat(seqs[:, None], views, 1).astype(np.uint16))
-            np.save(os.path.join(folder, "labels.npy"), np.arange(8))
-            runtime.write_json(os.path.join(folder, "meta.json"), dict(
-                fingerprint=train_ar.tokenizer_fingerprint(model.load_tokenizer(tok_path)), data="synthetic",
-                num_classes=0, per_class=0, views=views, classes=list("abcdefgh")))
-        cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=os.path.join(d, "codes"), gpt="test-tiny", per_class=0,
+        tok_path, code_dir = _tiny_code_cache(d)
+        cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", per_class=0,
                                 out_dir=os.path.join(d, "ar"), batch_size=16, max_steps=250, warmup=10, lr=3e-3,
                                 eval_interval=1000, log_interval=1000, ckpt_interval=1000)
         result = train_ar.main(cfg)
@@ -1179,6 +1188,168 @@ def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
         assert result["teacher"] is None and "warning: could not load the DINOv2 teacher" in buf.getvalue()
 
 
+# ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
+
+import subprocess
+
+
+def _torchrun(script, *runs, nproc=2):
+    """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun, once per dict
+    of flags in runs, one after the other in the same nproc CPU processes (gloo, one thread each, on the cores this
+    process may use): starting processes is what costs here, a tiny run is a few seconds. At most two runs: a third
+    process group in the same processes hangs in its set-up (torch 2.13, torchrun's store)."""
+    assert len(runs) <= 2
+    argv = [a for flags in runs for a in ["--then"] + [f"--{k}={v}" for k, v in flags.items()]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "--worker", script] + argv[1:]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+
+
+def _worker(script, argv):  # the other end of _torchrun: each run's main sets up and tears down its process group
+    _register_tiny_ar()
+    module, config = dict(train_tokenizer=(train_tokenizer, train_tokenizer.TrainConfig),
+                          train_ar=(train_ar, train_ar.ARConfig))[script]
+    for then, flags in itertools.groupby(argv, lambda a: a == "--then"):
+        if not then:
+            module.main(runtime.parse_config(config(), list(flags)))
+
+
+def _max_diff(a, b):
+    """The largest |a - b| over the tensors of two state dicts with the same names (and, for an optimizer's, the
+    same parameter indices and state)."""
+    if isinstance(a, dict) and "state" in a:  # an optimizer's: compare its moments
+        assert a["param_groups"] == b["param_groups"] and sorted(a["state"]) == sorted(b["state"])
+        return max(_max_diff(a["state"][i], b["state"][i]) for i in a["state"])
+    assert list(a) == list(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _ckpt(folder):
+    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)
+
+
+# the toy tokenizer, 3 steps of 4 images, offline; a constant lr of 1e-4: at its first steps AdamW moves every weight
+# by about lr whatever the gradient's size, so the rounding of tiny gradients (a sum over 4 images, or two over 2)
+# shows in the weights at ~lr/10; at lr 1e-3 one and two processes differ by 1e-4 (DDP exactly as FSDP)
+TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, teacher="none", lpips="false", eval_images=2, per_class=2,
+               entropy_weight=0.0, warmup=0, lr=1e-4, end_lr=1e-4, log_interval=1, image_interval=10 ** 6)
+
+
+def _tok_in_process(out_dir, **kw):  # the same run in this process (one process, no torchrun)
+    flags = {**TOK_RUN, **kw, "out_dir": out_dir, "device": "cpu"}
+    train_tokenizer.main(runtime.parse_config(train_tokenizer.TrainConfig(), [f"--{k}={v}" for k, v in flags.items()]))
+    return _ckpt(out_dir)
+
+
+def test_fsdp_two_processes_equal_one_and_checkpointing_changes_nothing():
+    with tempfile.TemporaryDirectory() as d:
+        one = _tok_in_process(os.path.join(d, "one"))
+        _torchrun("train_tokenizer", dict(TOK_RUN, fsdp="true", out_dir=os.path.join(d, "fsdp")),
+                  dict(TOK_RUN, fsdp="true", checkpointing="true", out_dir=os.path.join(d, "both")))
+        fsdp, both = _ckpt(os.path.join(d, "fsdp")), _ckpt(os.path.join(d, "both"))
+        diff = _max_diff(one["model"], fsdp["model"])
+        assert diff <= 1e-5, diff                                          # 2 processes x 2 images = 1 x 4
+        assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6      # one format: torch.optim's, by index
+        assert _max_diff(fsdp["model"], both["model"]) == 0                # recomputed activations: the same numbers
+        assert _max_diff(fsdp["optimizer"], both["optimizer"]) == 0
+        assert set(fsdp) == set(one) and fsdp["step"] == 3
+        model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))          # the loader reads it as any of ours
+
+
+def test_fsdp_with_the_discriminator_equals_ddp():
+    # The PatchGAN's BatchNorm normalizes over each process's own images (2 of them, not all 4, as in the official
+    # DDP trainer), so against one process its outputs, and through the GAN term the tokenizer, differ by design;
+    # FSDP against DDP at the same world size sees the same statistics and must agree.
+    with tempfile.TemporaryDirectory() as d:
+        _torchrun("train_tokenizer", dict(TOK_RUN, disc_start=0, fsdp="true", out_dir=os.path.join(d, "fsdp")),
+                  dict(TOK_RUN, disc_start=0, out_dir=os.path.join(d, "ddp")))
+        fsdp, ddp = _ckpt(os.path.join(d, "fsdp")), _ckpt(os.path.join(d, "ddp"))
+        for key in ("model", "discriminator", "optimizer", "optimizer_disc"):
+            diff = _max_diff(fsdp[key], ddp[key])
+            assert diff <= 1e-5, (key, diff)
+        assert any(not torch.equal(v, _ckpt_init_disc()[k]) for k, v in fsdp["discriminator"].items()
+                   if v.is_floating_point())                               # the discriminator trained
+
+
+def _ckpt_init_disc():  # the discriminator as build_models creates it (seed 0, after the tokenizer)
+    torch.manual_seed(0)
+    Tokenizer(TOKENIZER_PRESETS["toy"])
+    return model.PatchDiscriminator().state_dict()
+
+
+def test_fsdp_resume_is_exact_and_a_sharded_checkpoint_resumes_in_one_process():
+    with tempfile.TemporaryDirectory() as d:
+        run = lambda folder, steps: dict(TOK_RUN, max_steps=steps, fsdp="true", out_dir=os.path.join(d, folder))
+        _torchrun("train_tokenizer", run("straight", 4), run("resumed", 2))
+        import shutil
+        shutil.copytree(os.path.join(d, "resumed"), os.path.join(d, "alone"))  # the 2-step sharded checkpoint
+        _torchrun("train_tokenizer", run("resumed", 4))                        # continues at step 3
+        straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
+        for key in ("model", "optimizer"):
+            assert _max_diff(straight[key], resumed[key]) == 0, key            # resumed = uninterrupted, exactly
+        alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)         # a sharded checkpoint, one process
+        diff = _max_diff(straight["model"], alone["model"])
+        assert alone["step"] == 4 and diff <= 1e-5, diff
+
+
+def test_fsdp_ar_two_processes_equal_one():
+    _register_tiny_ar()
+    with tempfile.TemporaryDirectory() as d:
+        tok_path, code_dir = _tiny_code_cache(d)
+        flags = dict(tokenizer=tok_path, code_dir=code_dir, gpt="test-exact", per_class=0, batch_size=4, max_steps=3,
+                     warmup=0, lr=1e-4, eval_interval=1000, log_interval=1000)
+        train_ar.main(train_ar.ARConfig(**flags, out_dir=os.path.join(d, "one")))
+        _torchrun("train_ar", dict(flags, fsdp="true", checkpointing="true", out_dir=os.path.join(d, "fsdp")))
+        one, fsdp = _ckpt(os.path.join(d, "one")), _ckpt(os.path.join(d, "fsdp"))
+        diff = _max_diff(one["model"], fsdp["model"])
+        assert diff <= 1e-5 and _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6, diff
+        model.load_gpt(os.path.join(d, "fsdp", "ckpt.pt"))
+
+
+def _grads(net, loss_of, seed=0):
+    torch.manual_seed(seed)  # the same dropout masks for both passes
+    net.zero_grad(set_to_none=True)
+    loss_of(net).backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def _saved_bytes(net, loss_of):
+    """Bytes of the tensors autograd keeps for the backward of one forward (those kept inside a checkpointed
+    block are the checkpoint's business and do not pass through this hook)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(net)
+    return total[0]
+
+
+def test_activation_checkpointing_same_gradients_and_state_dict_names():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([1, 2])
+    torch.manual_seed(0)  # a 1D and a 2D tokenizer (official init: every branch live), and a GPT with dropout on
+    nets = [(Tokenizer(toy_cfg(image_size=32, num_latent_tokens=16, codebook_size=64, teacher_dim=16, dropout=0.1)),
+             lambda t: (lambda r, a: F.mse_loss(r, x) + a["codebook"] + a["sem_feat"].square().mean())(*t(x))),
+            (Tokenizer(toy_cfg(image_size=32, kind="2d", layer_type="vit", codebook_size=64, teacher_dim=0)),
+             lambda t: F.mse_loss(t(x)[0], x)),
+            (GPT(dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, vocab_size=64, block_size=16, num_classes=4,
+                                     token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)),
+             lambda g: F.cross_entropy(g(codes, labels).flatten(0, 1), codes.flatten()))]
+    for net, loss_of in nets:
+        names, kept = list(net.state_dict()), _saved_bytes(net, loss_of)
+        plain = _grads(net, loss_of)
+        runtime.checkpoint_blocks(net)
+        assert list(net.state_dict()) == names                          # a checkpoint made with it loads without it
+        assert _saved_bytes(net, loss_of) < 0.7 * kept                  # the blocks' insides are not kept
+        again = _grads(net, loss_of)
+        assert plain.keys() == again.keys() and len(plain) > 10
+        diff = max((plain[k] - again[k]).abs().max().item() for k in plain)
+        assert diff <= 1e-6, diff
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
@@ -1201,4 +1372,7 @@ def _run(pattern=""):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if _run(sys.argv[1] if len(sys.argv) > 1 else "") else 0)
+    if sys.argv[1:2] == ["--worker"]:  # a process of a distributed test (see _torchrun)
+        _worker(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit(1 if _run(sys.argv[1] if len(sys.argv) > 1 else "") else 0)
