@@ -181,10 +181,11 @@ def same(a, b):
 
 
 def resume(path, parts, identity, train, master):
-    """Continue a run: fill each of `parts` ({checkpoint key: module, or (module, its optimizer)}) from the checkpoint at path and
-    return its step, or 0 when there is none. identity ({config key: value}) is what must not change (the model's
-    architecture, the codes it learns): a checkpoint made with another is refused. Training fields (batch size,
-    lr ...) may change; the changed ones are named in a note. The checkpoint is read to CPU and freed here."""
+    """Continue a run: fill each of `parts` ({checkpoint key: module, or (module, its optimizer)}) from the
+    checkpoint at path and return its step, or 0 when there is none. identity ({config key: value}) is what must
+    not change (the model's architecture, the codes it learns): a checkpoint made with another is refused.
+    Training fields (batch size, lr ...) may change; the changed ones are named in a note. The checkpoint is read
+    to CPU and freed here."""
     if not os.path.exists(path):
         return 0
     ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
@@ -320,7 +321,9 @@ def save(path, parts, **extra):
     and the extra entries (step, config ...), written by save_checkpoint. Every process calls it (FSDP gathers)."""
     # plain dict, weights_only-readable
     save_checkpoint(dict({k: state_dict(p) for k, p in parts.items()}, **extra), path)
-    barrier()  # FSDP: the gathers are done everywhere before the next collective (gloo mixes them up otherwise)
+    # FSDP: every process waits for the gathers to end before its next collective (without this, gloo was seen to
+    # pair another process's next all-gather with a pending one of the state dict: a size mismatch)
+    barrier()
 
 
 # The same format with or without FSDP: a module's plain state dict, and an optimizer's as torch.optim writes it
@@ -338,10 +341,12 @@ def state_dict(part):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if opt is None:
         return get_model_state_dict(module, options=options)
-    sd = get_optimizer_state_dict(module, opt, options=options)  # {"state": {name: {...}}, "param_groups": [{"params": [name ...]}]}
+    # {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}
+    sd = get_optimizer_state_dict(module, opt, options=options)
     if not sd:  # not rank 0
         return sd
-    index = {name: i for i, name in enumerate(n for g in sd["param_groups"] for n in g["params"])}  # torch.optim's order
+    # module path -> parameter index, in torch.optim's order (the groups' parameters one after the other)
+    index = {name: i for i, name in enumerate(n for g in sd["param_groups"] for n in g["params"])}
     return dict(state={index[n]: s for n, s in sd["state"].items()},
                 param_groups=[dict(g, params=[index[n] for n in g["params"]]) for g in sd["param_groups"]])
 
