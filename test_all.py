@@ -1244,13 +1244,17 @@ def _tok_in_process(out_dir, **kw):  # the same run in this process (one process
 
 def test_fsdp_two_processes_equal_one():
     with tempfile.TemporaryDirectory() as d:
-        one = _tok_in_process(os.path.join(d, "one"))
-        _torchrun("train_tokenizer", **TOK_RUN, fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        # 65 held-out images: 33 = 32 + 1 on one process, 32 on the other, one batch more to run (a stand-in)
+        one = _tok_in_process(os.path.join(d, "one"), eval_images=65)
+        _torchrun("train_tokenizer", **TOK_RUN, fsdp="true", eval_images=65, out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))
         diff = _max_diff(one["model"], fsdp["model"])
         assert diff <= 1e-5, diff                                          # 2 processes x 2 images = 1 x 4
         assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6      # one format: torch.optim's, by index
         assert set(fsdp) == set(one) and fsdp["step"] == 3
+        import json
+        psnr = [json.loads(open(os.path.join(d, run, "log.jsonl")).readlines()[-1])["val_psnr"] for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr                        # the same 65 images, each counted once
         model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))          # the loader reads it as any of ours
 
 
@@ -1296,10 +1300,11 @@ def test_fsdp_ar_two_processes_with_accumulation_equal_one():
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
         tok_path, code_dir = _tiny_code_cache(d)
-        flags = dict(tokenizer=tok_path, code_dir=code_dir, gpt="test-exact", per_class=0, batch_size=4, max_steps=3,
+        flags = dict(tokenizer=tok_path, code_dir=code_dir, gpt="test-exact", per_class=0, batch_size=12, max_steps=3,
                      warmup=0, lr=1e-4, eval_interval=1000, log_interval=1000)
         train_ar.main(train_ar.ARConfig(**flags, out_dir=os.path.join(d, "one")))
-        # and two micro-steps of one sequence each: the gradients are reduce-scattered after the second only
+        # and two micro-steps of 3 sequences each: the gradients are reduce-scattered after the second only; the
+        # 8 held-out sequences make 2 batches of 3 for one process, 1 for the other (which must run a stand-in)
         _torchrun("train_ar", **flags, fsdp="true", checkpointing="true", grad_accum=2, out_dir=os.path.join(d, "fsdp"))
         one, fsdp = _ckpt(os.path.join(d, "one")), _ckpt(os.path.join(d, "fsdp"))
         diff = _max_diff(one["model"], fsdp["model"])

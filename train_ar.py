@@ -245,14 +245,16 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
     """Mean next-token cross-entropy (nats) over all held-out images (view 0: the center crop)."""
     gpt.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of codes)
-    for s in range(rank * batch, len(codes), world * batch):
-        x = torch.from_numpy(codes[s:s + batch, 0].astype(np.int64)).to(device)      # (B, N)
-        y = torch.from_numpy(labels[s:s + batch]).to(device)
+    rounds = -(-len(codes) // (world * batch))  # as many batches on every process: a sharded GPT gathers in each
+    for s in range(rank * batch, rounds * world * batch, world * batch):
+        rows = slice(s, s + batch) if s < len(codes) else slice(0, 1)  # past the end: a stand-in, not counted
+        x = torch.from_numpy(codes[rows, 0].astype(np.int64)).to(device)               # (B, N)
+        y = torch.from_numpy(labels[rows]).to(device)
         with autocast:
             logits = gpt(x, y)                                                         # (B, N, vocab)
-        # summed, then divided once
-        stats[0] += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").double()
-        stats[1] += x.numel()
+        if s < len(codes):  # summed, then divided once
+            stats[0] += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").double()
+            stats[1] += x.numel()
     runtime.all_reduce(stats)
     gpt.train()
     return (stats[0] / stats[1]).item()

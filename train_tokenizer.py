@@ -263,12 +263,17 @@ def evaluate_held_out(tok, val_set, n, batch, rank, world, device):
     # usage over the held-out set, not the training window: what the paper reports
     used = torch.zeros(tok.cfg.codebook_size, device=device)               # 1 where a code was assigned
     mine = list(range(rank, n, world))
-    for s in range(0, len(mine), batch):
-        x = torch.stack([val_set[i][0] for i in mine[s:s + batch]]).to(device)  # (B, 3, S, S) center crops
+    # as many batches on every process (ceil(n / world) images), since a sharded tokenizer gathers its weights in
+    # each: a process short of images encodes a stand-in that is not counted
+    for s in range(0, -(-n // world), batch):
+        idx = mine[s:s + batch]
+        x = torch.stack([val_set[i][0] for i in idx or [0]]).to(device)     # (B, 3, S, S) center crops
         codes = tok.encode(x)                                               # (B, N)
-        psnrs = data.psnr(data.pixel_values(tok.decode(codes).float()), data.pixel_values(x))
-        total += torch.tensor([psnrs.sum(), len(x)], dtype=torch.float64, device=device)
-        used[codes.flatten().unique()] = 1
+        recon = tok.decode(codes).float()
+        if idx:
+            psnrs = data.psnr(data.pixel_values(recon), data.pixel_values(x))
+            total += torch.tensor([psnrs.sum(), len(x)], dtype=torch.float64, device=device)
+            used[codes.flatten().unique()] = 1
     runtime.all_reduce(total)
     runtime.all_reduce(used, "max")
     tok.train()
