@@ -1246,7 +1246,7 @@ def test_fsdp_two_processes_equal_one():
     with tempfile.TemporaryDirectory() as d:
         # 65 held-out images: 33 = 32 + 1 on one process, 32 on the other, one batch more to run (a stand-in)
         one = _tok_in_process(os.path.join(d, "one"), eval_images=65)
-        _torchrun("train_tokenizer", **TOK_RUN, fsdp="true", eval_images=65, out_dir=os.path.join(d, "fsdp"))
+        _torchrun("train_tokenizer", **dict(TOK_RUN, eval_images=65), fsdp="true", out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))
         diff = _max_diff(one["model"], fsdp["model"])
         assert diff <= 1e-5, diff                                          # 2 processes x 2 images = 1 x 4
