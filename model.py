@@ -168,6 +168,36 @@ class AdaptiveGroupNorm(nn.Module):
         return self.gamma(std)[..., None, None] * self.gn(h) + self.beta(z.mean(-1))[..., None, None]
 
 
+class EncoderLevel(nn.Module):
+    """One resolution level of the CNN encoder: blocks ResnetBlocks cin -> cout, then (but the last) a Downsample.
+    A module of its own so that FSDP shards and activation checkpointing recomputes it as one unit."""
+    def __init__(self, cin, cout, blocks, groups, dropout, down):
+        super().__init__()
+        self.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups, dropout) for j in range(blocks))
+        self.downsample = Downsample(cout) if down else nn.Identity()
+
+    def forward(self, h):                                     # (B, cin, h, w) -> (B, cout, h/2, w/2)
+        for block in self.res:
+            h = block(h)
+        return self.downsample(h)
+
+
+class DecoderLevel(nn.Module):
+    """One resolution level of the CNN decoder: an adaptive GroupNorm conditioned on the decoder input z, blocks
+    ResnetBlocks cin -> cout, then (but the last) an Upsample."""
+    def __init__(self, z_channels, cin, cout, blocks, groups, dropout, up):
+        super().__init__()
+        self.adaptive = AdaptiveGroupNorm(z_channels, cin, groups)
+        self.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups, dropout) for j in range(blocks))
+        self.upsample = Upsample(cout) if up else nn.Identity()
+
+    def forward(self, h, z):                                  # (B, cin, h, w), z (B, z, g, g) -> (B, cout, 2h, 2w)
+        h = self.adaptive(h, z)                               # scale and shift from z's channel statistics
+        for block in self.res:
+            h = block(h)
+        return self.upsample(h)
+
+
 class CNNEncoder(nn.Module):
     """(B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2 ** (len(ch_mult) - 1): one level per multiplier, each of
     num_res_blocks ResnetBlocks and (but the last) a Downsample, then two more blocks and a conv to z_channels."""
@@ -178,12 +208,8 @@ class CNNEncoder(nn.Module):
         self.down = nn.ModuleList()
         cin = ch
         for i, m in enumerate(mult):
-            level = nn.Module()
-            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, G, cfg.dropout)
-                                      for j in range(cfg.num_res_blocks))
+            self.down.append(EncoderLevel(cin, ch * m, cfg.num_res_blocks, G, cfg.dropout, i < len(mult) - 1))
             cin = ch * m
-            level.downsample = Downsample(cin) if i < len(mult) - 1 else nn.Identity()
-            self.down.append(level)
         self.mid = nn.Sequential(ResnetBlock(cin, cin, G, cfg.dropout), ResnetBlock(cin, cin, G, cfg.dropout))
         self.norm_out = Normalize(G, cin)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
@@ -191,9 +217,7 @@ class CNNEncoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)                                   # (B, ch, H, W)
         for level in self.down:
-            for block in level.res:
-                h = block(h)
-            h = level.downsample(h)                           # halves h and w, but at the last level
+            h = level(h)                                      # halves h and w, but at the last level
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -208,23 +232,16 @@ class CNNDecoder(nn.Module):
         self.mid = nn.Sequential(ResnetBlock(cin, cin, G, cfg.dropout), ResnetBlock(cin, cin, G, cfg.dropout))
         self.up = nn.ModuleList()
         for i, m in enumerate(reversed(mult)):
-            level = nn.Module()
-            level.adaptive = AdaptiveGroupNorm(cfg.z_channels, cin, G)
-            level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * m, ch * m, G, cfg.dropout)
-                                      for j in range(cfg.num_res_blocks + 1))
+            self.up.append(DecoderLevel(cfg.z_channels, cin, ch * m, cfg.num_res_blocks + 1, G, cfg.dropout,
+                                        i < len(mult) - 1))
             cin = ch * m
-            level.upsample = Upsample(cin) if i < len(mult) - 1 else nn.Identity()
-            self.up.append(level)
         self.norm_out = Normalize(G, cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))                         # (B, ch * ch_mult[-1], g, g)
         for level in self.up:
-            h = level.adaptive(h, z)                          # scale and shift from z's channel statistics
-            for block in level.res:
-                h = block(h)
-            h = level.upsample(h)                             # doubles h and w, but at the last level
+            h = level(h, z)                                   # doubles h and w, but at the last level
         return self.conv_out(F.silu(self.norm_out(h)))        # (B, 3, H, W)
 
 # -----------------------------------------------------------------------------------------------------------

@@ -1,17 +1,20 @@
 """
 What every script runs on: the command line, the processes and devices, checkpoints, logs, and the steps that
-both trainers share (the learning-rate schedule, resume, compile/DDP wrapping, the optimizer step).
+both trainers share (the learning-rate schedule, resume, wrapping: activation checkpointing, FSDP, compile, DDP;
+the optimizer step).
 
     parse_config(cfg)                  dataclass defaults <- command line (--field-name value), --help
     setup(cfg) -> (rank, world, device)  torchrun -> one process per device (DDP), else one plain process
     barrier(), all_reduce(t), cleanup_distributed()
     micro_batch(cfg, world), autocast_for(cfg, device)   the per-process batch, the precision
     get_lr(step, ...)                  linear warmup, then cosine or WSD
-    resume(path, parts, ...), wrap(model, ...), save_checkpoint(obj, path), optimizer_step(...)
+    resume(path, parts, ...), wrap(model, ...) (checkpointing, FSDP, compile, DDP), grad_sync(net, sync)
+    save_checkpoint(obj, path), save(path, parts, ...), optimizer_step(...)
     Logger(out_dir, master)(step, **numbers), write_json(path, obj), read_json(path)
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import inspect
 import json
@@ -20,10 +23,13 @@ import os
 import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import model
@@ -203,10 +209,11 @@ def same(a, b):
 
 
 def resume(path, parts, identity, train, master):
-    """Continue a run: fill each of `parts` ({checkpoint key: module or optimizer}) from the checkpoint at path and
-    return its step, or 0 when there is none. identity ({config key: value}) is what must not change (the model's
-    architecture, the codes it learns): a checkpoint made with another is refused. Training fields (batch size,
-    lr ...) may change; the changed ones are named in a note. The checkpoint is read to CPU and freed here."""
+    """Continue a run: fill each of `parts` ({checkpoint key: module, or (module, its optimizer)}) from the
+    checkpoint at path and return its step, or 0 when there is none. identity ({config key: value}) is what must
+    not change (the model's architecture, the codes it learns): a checkpoint made with another is refused.
+    Training fields (batch size, lr ...) may change; the changed ones are named in a note. The checkpoint is read
+    to CPU and freed here."""
     if not os.path.exists(path):
         return 0
     ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
@@ -219,8 +226,7 @@ def resume(path, parts, identity, train, master):
                             if fields else "") + ": pass --fresh, or another --out-dir")
     for key, part in parts.items():
         if ckpt.get(key):  # a GradScaler's state: {} when it was off (fp32), absent in older checkpoints
-            part.load_state_dict(ckpt[key])  # copies into the module's (device) tensors
-    # field -> old value
+            load_state_dict(part, ckpt[key])  # copies into the module's (device) tensors, or their shards
     changed = {k: v for k, v in ckpt["config"].get("train", {}).items() if not same(v, train.get(k, v))}
     if changed and master:
         print("note: resuming with changed training settings: "
@@ -230,16 +236,74 @@ def resume(path, parts, identity, train, master):
     return step
 
 
-def wrap(net, cfg, world, device, find_unused=False):
-    """The module to train with: `net` compiled (cfg.compile), then wrapped in DDP when there are several processes.
-    Save and evaluate through `net` itself (its state dict has no wrapper prefixes)."""
+def blocks(net):
+    """The units that FSDP shards and activation checkpointing recomputes, one at a time: every transformer block
+    and every CNN resolution level of a Tokenizer, every block of a GPT. What is left (embeddings, norms, the
+    quantizer, the CNN's middle blocks, the heads) belongs to the root unit."""
+    if isinstance(net, model.Tokenizer):
+        return [*net.cnn_encoder.down, *net.encoder.layers, *net.decoder.layers, *net.cnn_decoder.up]
+    return list(net.layers)
+
+
+def checkpoint_blocks(net):
+    """Activation checkpointing: each of blocks(net) keeps only its inputs in the forward and runs again in the
+    backward (torch.utils.checkpoint, non-reentrant; the RNG state is replayed, so dropout masks repeat). The
+    original forward is wrapped on the instance: no wrapper module, the state-dict names do not change."""
+    for block in blocks(net):
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def shard(net, precision):
+    """FSDP2 in place: each of blocks(net) one unit, then the root (the rest). A unit's parameters, gradients and
+    AdamW moments live as 1/world shards (DTensors, dim 0); its full weights are all-gathered just before its
+    forward (and again for its backward) and freed after; gradients are reduce-scattered (averaged). bf16: the
+    gathered weights are bf16 copies, the gradients reduced in fp32 (the fp32 shards stay the master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()  # fp32 (CPU): no casts
+    for block in blocks(net):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+    # the tokenizer returns views (its codes); nothing modifies them in place, which is what FSDP warns of
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for method in ("encode", "decode"):  # gather the root's weights for these too (evaluation, pictures)
+        if hasattr(net, method):
+            register_fsdp_forward_method(net, method)
+
+
+def is_sharded(net):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(getattr(net, "_orig_mod", net), FSDPModule)  # seen through torch.compile's wrapper
+
+
+def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
+    """The module to train with: `net` with activation checkpointing (cfg.checkpointing), sharded in place (cfg.fsdp,
+    several processes), compiled (cfg.compile), then wrapped in DDP when there are several processes and no FSDP.
+    Build the optimizer after this (FSDP replaces the parameters by their shards). Save and evaluate through `net`
+    itself (its state dict has no wrapper prefixes)."""
+    if cfg.checkpointing:
+        checkpoint_blocks(net)
+    if cfg.fsdp and world > 1:  # one process: nothing to shard, a plain run
+        shard(net, precision)
     if cfg.compile:
         net = torch.compile(net)  # compiled module, same parameters (and state dict, but for a prefix)
-    if world > 1:
-        # all-reduces gradients in backward
+    if world > 1 and not cfg.fsdp:
+        # all-reduces gradients in backward; the gradients are views into DDP's buckets (no second copy)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                                        else None, find_unused_parameters=find_unused)
+                                                        else None, find_unused_parameters=find_unused,
+                                                        gradient_as_bucket_view=True)
     return net
+
+
+def grad_sync(net, sync):
+    """The context of a micro-step's forward: gradients are reduced over the processes only when sync (the last
+    micro-step of an optimizer step); before that they accumulate locally. DDP: no_sync(); FSDP: a flag that
+    holds until changed (so it is set at every micro-step)."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else net.no_sync()
+    if is_sharded(net):
+        net.set_requires_gradient_sync(sync)
+    return nullcontext()
 
 
 def optimizer_step(optimizer, scaler, params, clip, average=False):
@@ -253,6 +317,8 @@ def optimizer_step(optimizer, scaler, params, clip, average=False):
                 all_reduce(p.grad).div_(dist.get_world_size())
     scaler.unscale_(optimizer)  # fp16: the gradients back to their true scale before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # the total norm before clipping
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards (a replicated DTensor), not one shard's
+        grad_norm = grad_norm.full_tensor()
     if scaler.is_enabled() or torch.isfinite(grad_norm):       # (one host sync per step)
         scaler.step(optimizer)  # fp16: skipped if the gradients overflowed
     scaler.update()
@@ -304,10 +370,63 @@ def save_checkpoint(obj, path):
 
 
 def save(path, parts, **extra):
-    """The checkpoint of a run: the state dict of each of parts ({key: module or optimizer}) and the extra entries
-    (step, config ...), written by save_checkpoint."""
+    """The checkpoint of a run: the full state dict of each of parts ({key: module, or (module, its optimizer)})
+    and the extra entries (step, config ...), written by save_checkpoint. Every process calls it (FSDP gathers)."""
     # plain dict, weights_only-readable
-    save_checkpoint(dict({k: p.state_dict() for k, p in parts.items()}, **extra), path)
+    save_checkpoint(dict({k: state_dict(p) for k, p in parts.items()}, **extra), path)
+    # FSDP: every process waits for the gathers to end before its next collective (without this, gloo was seen to
+    # pair another process's next all-gather with a pending one of the state dict: a size mismatch)
+    barrier()
+
+
+# The same format with or without FSDP: a module's plain state dict, and an optimizer's as torch.optim writes it
+# (state keyed by parameter index), so that a sharded run resumes at another world size or in one process, and
+# model.load_tokenizer / load_gpt read it. FSDP's own (torch.distributed.checkpoint.state_dict) names the
+# optimizer's parameters by their module paths instead: translated here, both ways.
+
+def state_dict(part):
+    """The full state dict of a module, or of the optimizer of a (module, optimizer) pair. Sharded: gathered onto
+    rank 0's CPU (the other processes get {}); every process must call it."""
+    module, opt = part if isinstance(part, tuple) else (part, None)
+    if not is_sharded(module):
+        return (opt or module).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if opt is None:
+        return get_model_state_dict(module, options=options)
+    # {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}
+    sd = get_optimizer_state_dict(module, opt, options=options)
+    if not sd:  # not rank 0
+        return sd
+    # module path -> parameter index, in torch.optim's order (the groups' parameters one after the other)
+    index = {name: i for i, name in enumerate(n for g in sd["param_groups"] for n in g["params"])}
+    return dict(state={index[n]: s for n, s in sd["state"].items()},
+                param_groups=[dict(g, params=[index[n] for n in g["params"]]) for g in sd["param_groups"]])
+
+
+def load_state_dict(part, sd):
+    """The inverse of state_dict: sd (a full state dict, held by every process) into a module or a (module,
+    optimizer) pair's optimizer; sharded, each process keeps its own shard of every tensor."""
+    module, opt = part if isinstance(part, tuple) else (part, None)
+    if not is_sharded(module):
+        return (opt or module).load_state_dict(sd)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)  # strict: every tensor filled
+    if opt is None:
+        return set_model_state_dict(module, sd, options=options)
+    path_of = {p: n for n, p in module.named_parameters()}
+    names = [path_of[p] for g in opt.param_groups for p in g["params"]]  # parameter index -> module path
+    sd = dict(state={names[i]: s for i, s in sd["state"].items()},
+              param_groups=[dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]])
+    # strict=False: a parameter that never had a gradient (the semantic head without a teacher) has no AdamW
+    # state, in torch.optim's dict as here; DCP gives it a zero state, dropped again so that the optimizer is
+    # exactly the one that was saved
+    set_optimizer_state_dict(module, opt, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    for p, name in path_of.items():
+        if name not in sd["state"]:
+            opt.state.pop(p, None)
+    for group, saved in zip(opt.param_groups, sd["param_groups"]):  # the hyperparameters as saved: DCP turns
+        group.update({k: v for k, v in saved.items() if k != "params"})  # tuples (betas) into lists
 
 
 def write_json(path, obj):

@@ -853,6 +853,9 @@ def test_train_ar_ten_crops_and_wsd_schedule():
 def _register_tiny_ar():  # a 0.14M-parameter AR size for the end-to-end tests, trained like the toy
     GPT_PRESETS.setdefault("test-tiny", dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=64))
     train_ar.AR_TRAIN_PRESETS.setdefault("test-tiny", train_ar.AR_TRAIN_PRESETS["toy"])
+    # and without class dropout: each process draws its own labels to drop, so only this one compares across worlds
+    GPT_PRESETS.setdefault("test-exact", dataclasses.replace(GPT_PRESETS["test-tiny"], class_dropout=0.0))
+    train_ar.AR_TRAIN_PRESETS.setdefault("test-exact", train_ar.AR_TRAIN_PRESETS["toy"])
 
 
 def _tiny_tokenizer_checkpoint(folder, codebook_size=64):
@@ -864,22 +867,28 @@ def _tiny_tokenizer_checkpoint(folder, codebook_size=64):
     return path
 
 
+def _tiny_code_cache(folder):
+    """A tiny tokenizer checkpoint and a small code set written straight into its cache: 8 classes, one fixed
+    random sequence each. -> (tokenizer path, code_dir)"""
+    tok_path = _tiny_tokenizer_checkpoint(folder)
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(0, 64, (8, 16))
+    for split, views in (("train", 10), ("val", 1)):
+        split_dir = os.path.join(folder, "codes", split)
+        os.makedirs(split_dir)
+        np.save(os.path.join(split_dir, "codes.npy"), np.repeat(seqs[:, None], views, 1).astype(np.uint16))
+        np.save(os.path.join(split_dir, "labels.npy"), np.arange(8))
+        runtime.write_json(os.path.join(split_dir, "meta.json"), dict(
+            fingerprint=train_ar.tokenizer_fingerprint(model.load_tokenizer(tok_path)), data="synthetic",
+            num_classes=0, per_class=0, views=views, classes=list("abcdefgh")))
+    return tok_path, os.path.join(folder, "codes")
+
+
 def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
-        tok_path = _tiny_tokenizer_checkpoint(d)
-        # a small code set written straight into the cache: 8 classes, one fixed random sequence each
-        rng = np.random.default_rng(0)
-        seqs = rng.integers(0, 64, (8, 16))
-        for split, views in (("train", 10), ("val", 1)):
-            folder = os.path.join(d, "codes", split)
-            os.makedirs(folder)
-            np.save(os.path.join(folder, "codes.npy"), np.repeat(seqs[:, None], views, 1).astype(np.uint16))
-            np.save(os.path.join(folder, "labels.npy"), np.arange(8))
-            runtime.write_json(os.path.join(folder, "meta.json"), dict(
-                fingerprint=train_ar.tokenizer_fingerprint(model.load_tokenizer(tok_path)), data="synthetic",
-                num_classes=0, per_class=0, views=views, classes=list("abcdefgh")))
-        cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=os.path.join(d, "codes"), gpt="test-tiny", per_class=0,
+        tok_path, code_dir = _tiny_code_cache(d)
+        cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", per_class=0,
                                 out_dir=os.path.join(d, "ar"), batch_size=16, max_steps=250, warmup=10, lr=3e-3,
                                 eval_interval=1000, log_interval=1000, ckpt_interval=1000)
         result = train_ar.main(cfg)
@@ -1413,12 +1422,12 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
         assert os.listdir(killed) and not [f for f in os.listdir(killed) if ".tmp" in f]  # no half-written files left
 
 
-def _torchrun(n, *args, restarts=0):
+def _torchrun_cli(n, *args, restarts=0):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                            f"--max-restarts={restarts}", *args], cwd=REPO, capture_output=True, text=True)
 
 
-def _max_diff(d, run_a, run_b):
+def _max_weight_diff(d, run_a, run_b):
     a, b = (model.read_checkpoint(os.path.join(d, run, "ckpt.pt"))["model"] for run in (run_a, run_b))
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
@@ -1430,9 +1439,9 @@ def test_two_gloo_processes_equal_one_at_twice_the_batch_with_and_without_grad_a
                   "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000", "--log-interval", "1"]
         for name, n, extra in [("one", 1, ["--batch-size", "4"]), ("two", 2, ["--batch-size", "4"]),
                                ("one-8", 1, ["--batch-size", "8"]), ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
-            p = _torchrun(n, "train_tokenizer.py", "--out-dir", os.path.join(d, name), *extra, *common)
+            p = _torchrun_cli(n, "train_tokenizer.py", "--out-dir", os.path.join(d, name), *extra, *common)
             assert p.returncode == 0, p.stderr[-2000:]
-        diffs = _max_diff(d, "one", "two"), _max_diff(d, "one-8", "two-accum")
+        diffs = _max_weight_diff(d, "one", "two"), _max_weight_diff(d, "one-8", "two-accum")
         print(f"max abs weight difference after 3 steps: 2 processes {diffs[0]:.2e}, with --grad-accum 2 {diffs[1]:.2e}")
         assert max(diffs) < 1e-5, diffs
 
@@ -1471,9 +1480,9 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkp
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, log[-3000:]
         assert "resuming from step" in log, log[-3000:]                         # the restarted workers resumed
-        p = _torchrun(1, "train_tokenizer.py", "--out-dir", os.path.join(d, "straight"), *common)
+        p = _torchrun_cli(1, "train_tokenizer.py", "--out-dir", os.path.join(d, "straight"), *common)
         assert p.returncode == 0, p.stderr[-2000:]
-        diff = _max_diff(d, "straight", "restarted")
+        diff = _max_weight_diff(d, "straight", "restarted")
         print(f"restarted vs uninterrupted: max abs weight difference {diff:.2e}")
         assert diff < 1e-6, diff
 
@@ -1487,6 +1496,173 @@ def test_bench_prints_a_row_for_every_measurement():
         bench.main(bench.BenchConfig(batch_size=2, ar_batch_size=2, samples=1, steps=1, device="cpu"))
     rows = [l for l in buf.getvalue().splitlines() if "GFLOP" in l]
     assert len(rows) == 7 and all("/s" in r and "peak" in r for r in rows), buf.getvalue()  # figures, not timings
+
+
+# ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
+
+import subprocess
+
+
+def _torchrun(script, nproc=2, **flags):
+    """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun: nproc CPU
+    processes over gloo, one thread each, on the cores this process may use."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "--worker", script] + [f"--{k}={v}" for k, v in flags.items()]
+    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = p.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # torchrun and its workers: none outlives the test
+        raise
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{out[-5000:]}"
+
+
+def _worker(script, argv):  # the other end of _torchrun
+    _register_tiny_ar()
+    module, config = dict(train_tokenizer=(train_tokenizer, train_tokenizer.TrainConfig),
+                          train_ar=(train_ar, train_ar.ARConfig))[script]
+    module.main(runtime.parse_config(config(), argv))
+
+
+def _max_diff(a, b):
+    """The largest |a - b| over the tensors of two state dicts with the same names (and, for an optimizer's, the
+    same parameter indices and state)."""
+    if isinstance(a, dict) and "state" in a:  # an optimizer's: compare its moments
+        assert a["param_groups"] == b["param_groups"] and sorted(a["state"]) == sorted(b["state"])
+        return max(_max_diff(a["state"][i], b["state"][i]) for i in a["state"])
+    assert list(a) == list(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _ckpt(folder):
+    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)
+
+
+# the toy tokenizer, 3 steps of 4 images, offline; a constant lr of 1e-4: at its first steps AdamW moves every weight
+# by about lr whatever the gradient's size, so the rounding of tiny gradients (a sum over 4 images, or two over 2)
+# shows in the weights at ~lr/10; at lr 1e-3 one and two processes differ by 1e-4 (DDP exactly as FSDP)
+TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, teacher="none", lpips="false", eval_images=2, per_class=2,
+               entropy_weight=0.0, warmup=0, lr=1e-4, end_lr=1e-4, log_interval=1, image_interval=10 ** 6)
+
+
+def _tok_in_process(out_dir, **kw):  # the same run in this process (one process, no torchrun)
+    flags = {**TOK_RUN, **kw, "out_dir": out_dir, "device": "cpu"}
+    train_tokenizer.main(runtime.parse_config(train_tokenizer.TrainConfig(), [f"--{k}={v}" for k, v in flags.items()]))
+    return _ckpt(out_dir)
+
+
+def test_fsdp_two_processes_equal_one():
+    with tempfile.TemporaryDirectory() as d:
+        # 65 held-out images: 33 = 32 + 1 on one process, 32 on the other, one batch more to run (a stand-in)
+        one = _tok_in_process(os.path.join(d, "one"), eval_images=65)
+        _torchrun("train_tokenizer", **dict(TOK_RUN, eval_images=65), fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        fsdp = _ckpt(os.path.join(d, "fsdp"))
+        diff = _max_diff(one["model"], fsdp["model"])
+        assert diff <= 1e-5, diff                                          # 2 processes x 2 images = 1 x 4
+        assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6      # one format: torch.optim's, by index
+        assert set(fsdp) == set(one) and fsdp["step"] == 3
+        import json
+        psnr = [json.loads(open(os.path.join(d, run, "log.jsonl")).readlines()[-1])["val_psnr"] for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr                        # the same 65 images, each counted once
+        model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))          # the loader reads it as any of ours
+
+
+def test_fsdp_with_the_discriminator_equals_ddp():
+    # The PatchGAN's BatchNorm normalizes over each process's own images (2 of them, not all 4, as in the official
+    # DDP trainer), so against one process its outputs, and through the GAN term the tokenizer, differ by design;
+    # FSDP against DDP at the same world size sees the same statistics and must agree.
+    with tempfile.TemporaryDirectory() as d:
+        _torchrun("train_tokenizer", **TOK_RUN, disc_start=0, fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        _torchrun("train_tokenizer", **TOK_RUN, disc_start=0, out_dir=os.path.join(d, "ddp"))
+        fsdp, ddp = _ckpt(os.path.join(d, "fsdp")), _ckpt(os.path.join(d, "ddp"))
+        for key in ("model", "discriminator", "optimizer", "optimizer_disc"):
+            diff = _max_diff(fsdp[key], ddp[key])
+            assert diff <= 1e-5, (key, diff)
+        assert any(not torch.equal(v, _ckpt_init_disc()[k]) for k, v in fsdp["discriminator"].items()
+                   if v.is_floating_point())                               # the discriminator trained
+
+
+def _ckpt_init_disc():  # the discriminator as build_models creates it (seed 0, after the tokenizer)
+    torch.manual_seed(0)
+    Tokenizer(TOKENIZER_PRESETS["toy"])
+    return model.PatchDiscriminator().state_dict()
+
+
+def test_fsdp_resume_is_exact_with_or_without_checkpointing_and_resumes_in_one_process():
+    with tempfile.TemporaryDirectory() as d:
+        run = lambda folder, steps, **kw: _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
+                                                                           out_dir=os.path.join(d, folder), **kw))
+        run("straight", 4, checkpointing="true")  # activations recomputed in the backward: the same numbers
+        run("resumed", 2)
+        import shutil
+        shutil.copytree(os.path.join(d, "resumed"), os.path.join(d, "alone"))  # the 2-step sharded checkpoint
+        run("resumed", 4)                                                      # continues at step 3
+        straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
+        for key in ("model", "optimizer"):  # resumed = uninterrupted, checkpointing = not, exactly
+            assert _max_diff(straight[key], resumed[key]) == 0, key
+        alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)         # a sharded checkpoint, one process
+        diff = _max_diff(straight["model"], alone["model"])
+        assert alone["step"] == 4 and diff <= 1e-5, diff
+
+
+def test_fsdp_ar_two_processes_with_accumulation_equal_one():
+    _register_tiny_ar()
+    with tempfile.TemporaryDirectory() as d:
+        tok_path, code_dir = _tiny_code_cache(d)
+        flags = dict(tokenizer=tok_path, code_dir=code_dir, gpt="test-exact", per_class=0, batch_size=12, max_steps=3,
+                     warmup=0, lr=1e-4, eval_interval=1000, log_interval=1000)
+        train_ar.main(train_ar.ARConfig(**flags, out_dir=os.path.join(d, "one")))
+        # and two micro-steps of 3 sequences each: the gradients are reduce-scattered after the second only; the
+        # 8 held-out sequences make 2 batches of 3 for one process, 1 for the other (which must run a stand-in)
+        _torchrun("train_ar", **flags, fsdp="true", checkpointing="true", grad_accum=2, out_dir=os.path.join(d, "fsdp"))
+        one, fsdp = _ckpt(os.path.join(d, "one")), _ckpt(os.path.join(d, "fsdp"))
+        diff = _max_diff(one["model"], fsdp["model"])
+        assert diff <= 1e-5 and _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6, diff
+        model.load_gpt(os.path.join(d, "fsdp", "ckpt.pt"))
+
+
+def _grads(net, loss_of, seed=0):
+    torch.manual_seed(seed)  # the same dropout masks for both passes
+    net.zero_grad(set_to_none=True)
+    loss_of(net).backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def _saved_bytes(net, loss_of):
+    """Bytes of the tensors autograd keeps for the backward of one forward (those kept inside a checkpointed
+    block are the checkpoint's business and do not pass through this hook)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(net)
+    return total[0]
+
+
+def test_activation_checkpointing_same_gradients_and_state_dict_names():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([1, 2])
+    torch.manual_seed(0)  # a 1D and a 2D tokenizer (official init: every branch live), and a GPT with dropout on
+    nets = [(Tokenizer(toy_cfg(image_size=32, num_latent_tokens=16, codebook_size=64, teacher_dim=16, dropout=0.1)),
+             lambda t: (lambda r, a: F.mse_loss(r, x) + a["codebook"] + a["sem_feat"].square().mean())(*t(x))),
+            (Tokenizer(toy_cfg(image_size=32, kind="2d", layer_type="vit", codebook_size=64, teacher_dim=0)),
+             lambda t: F.mse_loss(t(x)[0], x)),
+            (GPT(dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, vocab_size=64, block_size=16, num_classes=4,
+                                     token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)),
+             lambda g: F.cross_entropy(g(codes, labels).flatten(0, 1), codes.flatten()))]
+    for net, loss_of in nets:
+        names, kept = list(net.state_dict()), _saved_bytes(net, loss_of)
+        plain = _grads(net, loss_of)
+        runtime.checkpoint_blocks(net)
+        assert list(net.state_dict()) == names                          # a checkpoint made with it loads without it
+        assert _saved_bytes(net, loss_of) < 0.7 * kept                  # the blocks' insides are not kept
+        again = _grads(net, loss_of)
+        assert plain.keys() == again.keys() and len(plain) > 10
+        diff = max((plain[k] - again[k]).abs().max().item() for k in plain)
+        assert diff <= 1e-6, diff
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1511,4 +1687,7 @@ def _run(pattern=""):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if _run(sys.argv[1] if len(sys.argv) > 1 else "") else 0)
+    if sys.argv[1:2] == ["--worker"]:  # a process of a distributed test (see _torchrun)
+        _worker(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit(1 if _run(sys.argv[1] if len(sys.argv) > 1 else "") else 0)

@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,6 +60,9 @@ class ARConfig:
     cfg_scale: float = -1.0      # the guidance scale sample.py uses for this model; -1 = the preset's (toy 2, paper 4)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
     compile: bool = False        # torch.compile the AR model
+    fsdp: bool = False           # under torchrun: shard the weights, gradients and AdamW state (FSDP2, one unit per
+                                 # transformer block) instead of DDP
+    checkpointing: bool = False  # activation checkpointing: keep each block's input only, recompute it in backward
     device: str = ""             # "" = cuda, else mps, else cpu
     threads: int = 0             # torch CPU threads (0 = torch's default)
     encode_batch: int = 32       # images per tokenizer call while building the code cache (x views each)
@@ -260,14 +262,16 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
     """Mean next-token cross-entropy (nats) over all held-out images (view 0: the center crop)."""
     gpt.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of codes)
-    for s in range(rank * batch, len(codes), world * batch):
-        x = torch.from_numpy(codes[s:s + batch, 0].astype(np.int64)).to(device)      # (B, N)
-        y = torch.from_numpy(labels[s:s + batch]).to(device)
+    rounds = -(-len(codes) // (world * batch))  # as many batches on every process: a sharded GPT gathers in each
+    for s in range(rank * batch, rounds * world * batch, world * batch):
+        rows = slice(s, s + batch) if s < len(codes) else slice(0, 1)  # past the end: a stand-in, not counted
+        x = torch.from_numpy(codes[rows, 0].astype(np.int64)).to(device)               # (B, N)
+        y = torch.from_numpy(labels[rows]).to(device)
         with autocast:
             logits = gpt(x, y)                                                         # (B, N, vocab)
-        # summed, then divided once
-        stats[0] += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").double()
-        stats[1] += x.numel()
+        if s < len(codes):  # summed, then divided once
+            stats[0] += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").double()
+            stats[1] += x.numel()
     runtime.all_reduce(stats)
     gpt.train()
     return (stats[0] / stats[1]).item()
@@ -313,13 +317,13 @@ def main(cfg: ARConfig):
                                num_classes=len(classes))
     torch.manual_seed(cfg.seed)  # the GPT's init: a function of the seed
     gpt = GPT(gcfg).to(device)
-    optimizer = make_optimizer(gpt, cfg, device)
+    train = runtime.wrap(gpt, cfg, world, device, precision)  # gpt: no wrapper prefixes
+    optimizer = make_optimizer(gpt, cfg, device)  # after FSDP, which replaces the parameters by their shards
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    parts = dict(model=gpt, optimizer=optimizer, scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
+    parts = dict(model=gpt, optimizer=(gpt, optimizer), scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path) and not cfg.fresh:
         step = runtime.resume(ckpt_path, parts, dict(tokenizer_fingerprint=fingerprint), asdict(cfg), master)
-    train = runtime.wrap(gpt, cfg, world, device)
     config = dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes, tokenizer_fingerprint=fingerprint)
     save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)
     entropy = unigram_entropy(codes, gcfg.vocab_size)
@@ -341,8 +345,8 @@ def main(cfg: ARConfig):
         for k in range(cfg.grad_accum):
             position = ((step * cfg.grad_accum + k) * world + rank) * micro        # in the stream of sequences
             x, y = (t.to(device) for t in code_batch(codes, labels, position, micro, cfg.seed))  # (B, N), (B,)
-            sync = k == cfg.grad_accum - 1 or world == 1                           # DDP: on the last micro-step
-            with (nullcontext() if sync else train.no_sync()), autocast:
+            sync = k == cfg.grad_accum - 1 or world == 1                           # reduce on the last micro-step
+            with runtime.grad_sync(train, sync), autocast:
                 logits = train(x, y)                                               # (B, N, vocab), fp32
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
             scaler.scale(loss / cfg.grad_accum).backward()  # gradients accumulate over the micro-steps

@@ -12,7 +12,6 @@ shares with the others lives in runtime.py (command line, processes, checkpoints
 import dataclasses
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,6 +60,9 @@ class TrainConfig:
                                  # "" = the preset's (paper presets stop, the toy warns)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
     compile: bool = False        # torch.compile the tokenizer
+    fsdp: bool = False           # under torchrun: shard the tokenizer's weights, gradients and AdamW state (FSDP2,
+                                 # one unit per transformer block and CNN level) instead of DDP; the PatchGAN stays whole
+    checkpointing: bool = False  # activation checkpointing: keep each block's input only, recompute it in backward
     device: str = ""             # "" = cuda, else mps, else cpu
     num_workers: int = -1        # data-loading processes per GPU process; -1 = 6 on CUDA, 0 on CPU
     threads: int = 0             # torch CPU threads (0 = torch's default)
@@ -293,12 +295,17 @@ def evaluate_held_out(tok, val_set, n, batch, rank, world, device):
     # usage over the held-out set, not the training window: what the paper reports
     used = torch.zeros(tok.cfg.codebook_size, device=device)               # 1 where a code was assigned
     mine = list(range(rank, n, world))
-    for s in range(0, len(mine), batch):
-        x = torch.stack([val_set[i][0] for i in mine[s:s + batch]]).to(device)  # (B, 3, S, S) center crops
+    # as many batches on every process (ceil(n / world) images), since a sharded tokenizer gathers its weights in
+    # each: a process short of images encodes a stand-in that is not counted
+    for s in range(0, -(-n // world), batch):
+        idx = mine[s:s + batch]
+        x = torch.stack([val_set[i][0] for i in idx or [0]]).to(device)     # (B, 3, S, S) center crops
         codes = tok.encode(x)                                               # (B, N)
-        psnrs = data.psnr(data.pixel_values(tok.decode(codes).float()), data.pixel_values(x))
-        total += torch.tensor([psnrs.sum(), len(x)], dtype=torch.float64, device=device)
-        used[codes.flatten().unique()] = 1
+        recon = tok.decode(codes).float()
+        if idx:
+            psnrs = data.psnr(data.pixel_values(recon), data.pixel_values(x))
+            total += torch.tensor([psnrs.sum(), len(x)], dtype=torch.float64, device=device)
+            used[codes.flatten().unique()] = 1
     runtime.all_reduce(total)
     runtime.all_reduce(used, "max")
     tok.train()
@@ -306,11 +313,14 @@ def evaluate_held_out(tok, val_set, n, batch, rank, world, device):
 
 
 @torch.no_grad()
-def save_grid(tok, x, path):
-    """PNG: held-out originals (top row) over their reconstructions (bottom row)."""
+def save_grid(tok, x, path, master=True):
+    """PNG: held-out originals (top row) over their reconstructions (bottom row). Every process reconstructs (a
+    sharded tokenizer needs them all), the main process writes."""
     tok.eval()
     rec = tok.decode(tok.encode(x)).float()
     tok.train()
+    if not master:
+        return
     grid = data.image_grid([data.to_uint8(x), data.to_uint8(rec)])                 # (2H, n*W, 3)
     if x.shape[-1] < 128:                                                          # small images: enlarge 2x
         grid = grid.repeat(2, 0).repeat(2, 1)
@@ -329,15 +339,17 @@ def main(cfg: TrainConfig):
     # 1. data, models, optimizers, and the checkpoint to continue from
     train_set, val_set, shown = datasets(cfg, device)
     tok, disc, teacher, lpips = build_models(cfg, device, rank)
-    (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))
-    parts = dict(model=tok, discriminator=disc, optimizer=opt, optimizer_disc=opt_d, scaler=scaler, scaler_disc=scaler_d)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
-    if os.path.exists(ckpt_path) and not cfg.fresh:  # the same architecture only
-        step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master)
-    elif cfg.init_from:
+    resuming = os.path.exists(ckpt_path) and not cfg.fresh
+    if cfg.init_from and not resuming:
         init_tokenizer(tok, cfg.init_from, master)
     # find_unused: the semantic head idles without a teacher, the shortcut after aux_loss_end
-    train = runtime.wrap(tok, cfg, world, device, find_unused=True)  # compiled / DDP; tok stays the plain module
+    train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # tok: no wrapper prefixes
+    (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))  # after FSDP
+    parts = dict(model=tok, discriminator=disc, optimizer=(tok, opt), optimizer_disc=(disc, opt_d), scaler=scaler,
+                 scaler_disc=scaler_d)  # what a checkpoint holds
+    if resuming:  # the same architecture only
+        step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master)
     config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)  # plain dicts
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
@@ -359,8 +371,8 @@ def main(cfg: TrainConfig):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout masks: a function of the step
         for k in range(cfg.grad_accum):
             x = next(batches)[0].to(device, non_blocking=True)  # (micro, 3, S, S)
-            sync = k == cfg.grad_accum - 1 or world == 1         # DDP all-reduces on the last micro-step only
-            with (nullcontext() if sync else train.no_sync()), autocast:
+            sync = k == cfg.grad_accum - 1 or world == 1         # gradients are reduced on the last micro-step only
+            with runtime.grad_sync(train, sync), autocast:
                 t, recons = loss_terms(train, x, teacher, lpips, disc, g > 0, early, cfg.entropy_weight > 0)
                 # L_G = MSE + w_p LPIPS + g GAN + (codebook + beta commitment + w_e entropy) + feat + w_s semantic
                 #       (spec 4.1; w_p = 1, g = 0.5 from disc_start, beta = 0.25, w_s = 0.5 (Sec. 3.2); the first
@@ -375,7 +387,7 @@ def main(cfg: TrainConfig):
                 scaler_d.scale(d_loss / cfg.grad_accum).backward()
         grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
         bad(grad_norm, step)  # a non-finite loss skipped this update
-        if g > 0:  # the discriminator is not wrapped in DDP: its gradients are averaged here
+        if g > 0:  # the discriminator is not wrapped in DDP or FSDP: its gradients are averaged here
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
         seen += cfg.batch_size
@@ -386,8 +398,7 @@ def main(cfg: TrainConfig):
                 usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=seen / dt, skipped=bad.total)
             seen = 0  # images since the last log line
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
-            if master:
-                save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"))
+            save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"), master)
             if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
                 # through the codes
                 log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
