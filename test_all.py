@@ -1547,8 +1547,12 @@ TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, teacher="none", lpips="fal
 
 
 def _tok_in_process(out_dir, **kw):  # the same run in this process (one process, no torchrun)
-    flags = {**TOK_RUN, **kw, "out_dir": out_dir, "device": "cpu"}
-    train_tokenizer.main(runtime.parse_config(train_tokenizer.TrainConfig(), [f"--{k}={v}" for k, v in flags.items()]))
+    # one thread, as each torchrun worker: the rounding of a reduction depends on the thread count
+    flags, threads = {**TOK_RUN, **kw, "out_dir": out_dir, "device": "cpu", "threads": 1}, torch.get_num_threads()
+    try:
+        train_tokenizer.main(runtime.parse_config(train_tokenizer.TrainConfig(), [f"--{k}={v}" for k, v in flags.items()]))
+    finally:
+        torch.set_num_threads(threads)
     return _ckpt(out_dir)
 
 
