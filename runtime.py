@@ -308,7 +308,7 @@ def grad_sync(net, sync):
 
 def optimizer_step(optimizer, scaler, params, clip, average=False):
     """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the norm.
-    A non-finite norm (a NaN or inf loss or gradient) skips the update: the caller counts it (see skip_count).
+    A non-finite norm (a NaN or inf loss or gradient) skips the update: the caller counts it (BadSteps).
     average=True first averages the gradients over the processes (for a module that DDP does not wrap)."""
     params = list(params)
     if average and dist.is_initialized():
