@@ -225,8 +225,7 @@ def validate(cfg):
         *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("weight_decay", "num_classes", "per_class", "threads",
                                                             "max_bad_steps")],
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "eval_interval", "ckpt_interval",
-                                                            "encode_batch")],
-        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")])
+                                                            "encode_batch")]])  # --precision: runtime.autocast_for checks it
 
 
 def get_lr(step, cfg):

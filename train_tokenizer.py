@@ -127,8 +127,7 @@ def validate(cfg):
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "image_interval", "ckpt_interval",
                                                             "eval_images")],
         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
-        (cfg.missing_helpers in ("stop", "warn"), "missing_helpers", "stop or warn"),
-        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32")])
+        (cfg.missing_helpers in ("stop", "warn"), "missing_helpers", "stop or warn")])  # --precision: runtime.autocast_for checks it
     return cfg
 
 
