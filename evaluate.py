@@ -300,17 +300,18 @@ def precision_recall(real, fake, k=3, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Across processes: each rank measures one contiguous block of the images; the rows come back together on every
-# rank, in the original order.
+# Across processes: each rank measures one contiguous block of the images; the rows come back together on rank 0,
+# in the original order, and the statistics (FID, IS, precision/recall, the probe) are computed there, once.
 
 
 def gather_rows(x, world):
-    """(n_rank, ...) numpy array on every rank -> all ranks' rows concatenated (rank-major order)."""
+    """(n_rank, ...) numpy array on every rank -> on rank 0 all ranks' rows concatenated (rank-major order);
+    None on the other ranks."""
     if world == 1:
         return x
-    parts = [None] * world  # every rank's rows, filled in rank order
-    dist.all_gather_object(parts, x)
-    return np.concatenate(parts)
+    parts = [None] * world if dist.get_rank() == 0 else None  # every rank's rows, filled in rank order
+    dist.gather_object(x, parts, dst=0)
+    return np.concatenate(parts) if parts is not None else None
 
 
 @torch.no_grad()
@@ -370,7 +371,7 @@ def shard(n, rank, world):
 
 
 def image_set_features(net, images, batch, device, rank, world, desc):
-    """Inception features of every image of an ImageSet, computed in shards, gathered on every rank."""
+    """Inception features of every image of an ImageSet, computed in shards, gathered on rank 0 (None elsewhere)."""
     lo, hi = shard(len(images), rank, world)
     pools, logits = [], []
     for i in tqdm(range(lo, hi, batch), desc=desc, disable=rank != 0):
@@ -394,13 +395,13 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
             stored = {k: z[k] for k in ("mu", "sigma", "pool") if k in z.files}
     if "pool" not in stored and images.has_images:
         pool, _ = image_set_features(net, images, batch, device, rank, world, f"reference {os.path.basename(ref)}")
-        stored["pool"] = pool  # (n, 2048) Inception features of the reference images
-        if "mu" not in stored:
-            stored["mu"], stored["sigma"] = feature_stats(pool)
-        if rank == 0:
+        if rank == 0:  # the statistics once, where the features were gathered
+            stored["pool"] = pool  # (n, 2048) Inception features of the reference images
+            if "mu" not in stored:
+                stored["mu"], stored["sigma"] = feature_stats(pool)
             np.savez(cache, **stored)
             print(f"reference statistics cached in {cache}")
-    if "mu" not in stored:
+    elif "mu" not in stored:
         raise runtime.UserError(f"--ref {ref}: neither images (arr_0, or a folder) nor statistics (mu, sigma) there")
     return stored
 
@@ -445,8 +446,10 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
         out["lpips"] = float(sums[2]) / n
     out.update(codebook_usage=float(used.float().mean()), codes_used=int(used.sum()))
     if inception is not None:
-        orig, recon = (gather_rows(np.concatenate(feats[k]), world) for k in ("orig", "recon"))
-        out["rfid"] = frechet_distance(*feature_stats(orig), *feature_stats(recon))  # the same images, before and after
+        orig, recon = (gather_rows(np.concatenate(feats[k]) if feats[k] else np.zeros((0, 2048)), world)
+                       for k in ("orig", "recon"))
+        if rank == 0:  # the same images, before and after
+            out["rfid"] = frechet_distance(*feature_stats(orig), *feature_stats(recon))
     if rank == 0 and grid is not None:
         from PIL import Image
         out["grid"] = os.path.join(out_dir, "reconstructions.png")
@@ -468,13 +471,15 @@ def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir
     """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see reference_stats)."""
     images = generation_inputs(samples, ref)
     pool, logits = image_set_features(inception, images, cfg.batch_size, device, rank, world, "samples")
-    out = dict(samples=len(images))
-    out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
-    if ref:
+    if ref:  # every rank takes part in the reference's features
         name = os.path.splitext(os.path.basename(os.path.normpath(ref)))[0]
         stats = reference_stats(ref, inception, cfg.batch_size, device, rank, world,
                                 os.path.join(out_dir, f"ref-{name}-inception.npz"))
-        # samples vs the reference batch
+    if rank != 0:  # the statistics are rank 0's
+        return None
+    out = dict(samples=len(images))
+    out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=10)
+    if ref:  # samples vs the reference batch
         out["gfid"] = frechet_distance(*feature_stats(pool), stats["mu"], stats["sigma"])
         if "pool" in stats:
             out["precision"], out["recall"] = precision_recall(stats["pool"], pool, k=3, device=device)
@@ -631,7 +636,8 @@ def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
         codes, labels, used = probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world)
         lo, hi = shard(len(codes), rank, world)
         f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
-        feats[split] = (torch.from_numpy(gather_rows(f, world)), torch.from_numpy(labels))
+        f = gather_rows(f, world)  # on rank 0
+        feats[split] = (torch.from_numpy(f) if f is not None else None, torch.from_numpy(labels))
     if rank != 0:
         return None  # the other ranks have sent their features
     acc = train_linear_probe(*feats["train"], *feats["val"], gpt.cfg.num_classes, cfg.probe_epochs,

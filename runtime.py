@@ -1,16 +1,17 @@
 """
 What every script runs on: the command line, the processes and devices, checkpoints, logs, and the steps that
 both trainers share (the learning-rate schedule, resume, wrapping: activation checkpointing, FSDP, compile, DDP;
-the optimizer step).
+the optimizer step), and the memory plan.
 
     parse_config(cfg)                  dataclass defaults <- command line (--field-name value), --help
     setup(cfg) -> (rank, world, device)  torchrun -> one process per device (DDP), else one plain process
     barrier(), all_reduce(t), cleanup_distributed()
     micro_batch(cfg, world), autocast_for(cfg, device)   the per-process batch, the precision
     get_lr(step, ...)                  linear warmup, then cosine or WSD
-    resume(path, parts, ...), wrap(model, ...) (checkpointing, FSDP, compile, DDP), grad_sync(net, sync)
+    resume(path, parts, ...), build(make, ...), wrap(model, ...) (checkpointing, FSDP, compile, DDP), grad_sync(...)
     save_checkpoint(obj, path), save(path, parts, ...), optimizer_step(...)
     Logger(out_dir, master)(step, **numbers), write_json(path, obj), read_json(path)
+    fake_modules(make), memory_plan(...), describe_plan(...)   what a run will hold, before it allocates anything
 """
 import argparse
 import dataclasses
@@ -276,6 +277,45 @@ def is_sharded(net):
     return isinstance(getattr(net, "_orig_mod", net), FSDPModule)  # seen through torch.compile's wrapper
 
 
+def build(make, cfg, world, rank, device):
+    """The model to train: make() (its init seeded by the caller), on `device`. Under FSDP over several processes
+    only rank 0 builds it in memory (on the CPU, the init a plain run gets) and the others on the meta device (no
+    memory, no init); wrap() then gives each process its shard of rank 0's weights, one tensor at a time. Host
+    memory at start-up: one whole model on rank 0 (as a plain run), a shard on each of the others, instead of a
+    whole model in every process. (Why not on the meta device everywhere: the official init draws its truncated
+    normals by rejection sampling, so the values a tensor gets depend on every draw before it, and only a
+    process that builds the whole model in order gets exactly the plain run's init.)"""
+    if not (cfg.fsdp and world > 1):
+        return make().to(device)
+    if rank == 0:
+        return make()  # on the CPU: FSDP moves the shards to the device
+    with torch.device("meta"):
+        return make()
+
+
+def broadcast(tensors):
+    """Rank 0's values of `tensors` (a module's parameters or buffers) in every process; a no-op in one process."""
+    if dist.is_initialized():
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
+def fill_from_rank0(net, full, device):
+    """Every parameter and buffer of `net` (sharded, or whole) from rank 0's {name: full tensor}, which empties as
+    it goes: one tensor is broadcast at a time and each process keeps its shard of it, so that rank 0 holds its
+    whole model or the shards, never both, and the others a shard and one tensor."""
+    from torch.distributed.tensor import distribute_tensor
+    for name, t in [*net.named_parameters(), *net.named_buffers()]:  # the same order in every process
+        # rank 0 sends its tensor (and drops its own copy), the others receive into a buffer of the full shape
+        value = full.pop(name).to(device) if dist.get_rank() == 0 else torch.empty(t.shape, dtype=t.dtype, device=device)
+        dist.broadcast(value, 0)
+        if isinstance(t, DTensor):  # this process's shard of it (FSDP2's dim-0 chunks), cut locally
+            value = distribute_tensor(value, t.device_mesh, t.placements, src_data_rank=None).to_local()
+            t = t.to_local()
+        with torch.no_grad():
+            t.copy_(value)
+
+
 def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
     """The module to train with: `net` with activation checkpointing (cfg.checkpointing), sharded in place (cfg.fsdp,
     several processes), compiled (cfg.compile), then wrapped in DDP when there are several processes and no FSDP.
@@ -284,7 +324,11 @@ def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
     if cfg.checkpointing:
         checkpoint_blocks(net)
     if cfg.fsdp and world > 1:  # one process: nothing to shard, a plain run
-        shard(net, precision)
+        # rank 0's weights (the others built theirs on the meta device: see build), handed out one tensor at a time
+        full = {k: t.detach() for k, t in [*net.named_parameters(), *net.named_buffers()]} if dist.get_rank() == 0 else {}
+        shard(net.to("meta"), precision)  # every process: meta shards ...
+        net.to_empty(device=device)       # ... given memory (uninitialized) ...
+        fill_from_rank0(net, full, device)  # ... and rank 0's values
     if cfg.compile:
         net = torch.compile(net)  # compiled module, same parameters (and state dict, but for a prefix)
     if world > 1 and not cfg.fsdp:
@@ -394,6 +438,8 @@ def state_dict(part):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if opt is None:
         return get_model_state_dict(module, options=options)
+    if not opt.state:  # before the first step: nothing to gather (DCP would first create zero moments for all)
+        return opt.state_dict() if dist.get_rank() == 0 else {}
     # {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}
     sd = get_optimizer_state_dict(module, opt, options=options)
     if not sd:  # not rank 0
@@ -465,3 +511,134 @@ class Logger:
             # one JSON object per line
             f.write(json.dumps(dict(step=step, time=round(time.time(), 3), **numbers)) + "\n")
 
+
+# -----------------------------------------------------------------------------------------------------------
+# The memory plan: what each process will hold, before anything is allocated. The models are built on the meta
+# device (no memory, no init) and given fake tensors (shapes and dtypes, no data), so one forward and backward of
+# a micro-batch runs in seconds even at 2.9B parameters; what autograd saves for the backward is counted as it is
+# saved. The rest is arithmetic: fp32 weights, gradients and the two AdamW moments, 1/world of each under FSDP.
+
+GiB = 2 ** 30
+
+
+def fake_modules(make):
+    """-> (fake mode, the modules make() returns), built on the meta device and then given fake CPU tensors:
+    their forward runs (shapes, dtypes, what autograd saves) without memory, data or initialization."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with torch.device("meta"):  # no memory, and no init: the init functions are no-ops on meta tensors
+        nets = make()
+    # fake tensors compute shapes and dtypes as CPU tensors would (so CPU autocast stands in for CUDA's), and
+    # their storages are distinct objects, which is how saved_for_backward tells one tensor from another
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for net in nets:
+            if net is not None:
+                net.to_empty(device="cpu")
+    return mode, nets
+
+
+def is_weight_cast(t):
+    """Is t (a view of) autocast's low-precision copy of a weight, or of a slice of one (ToCopy of a leaf)?"""
+    fn = (t._base if t._base is not None else t).grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    fn = fn.next_functions[0][0]
+    while fn is not None and re.match(r"(Slice|Select|Split|SplitWithSizes|Unbind|View|T|Transpose|Permute|Expand|"
+                                      r"Reshape|Alias)Backward\d$", type(fn).__name__):
+        fn = fn.next_functions[0][0]  # through the views of the weight (an attention's in_proj cut in three)
+    return type(fn).__name__ == "AccumulateGrad"
+
+
+def saved_for_backward(net, step, mode, checkpointing=False):
+    """Run step() (one micro-batch's forward on fake tensors, returning the loss) and its backward, counting the
+    bytes autograd saves, once per storage: -> (activation bytes at their peak, bytes of autocast's low-precision
+    copies of the weights). Without checkpointing the peak is everything saved, at the end of the forward. With
+    it, a block of blocks(net) keeps only its inputs, and recomputes what it saves in the backward, when what was
+    saved after it is gone: the peak is the larger of the forward's end and the worst block's recomputation."""
+    key = lambda t: t.untyped_storage()._cdata  # one storage, however many views of it are saved
+    weights = {key(p) for p in net.parameters()}  # counted as parameters, not as activations
+    where, seen, seen_inputs, alive = [None], set(), set(), []
+    kept, inside, entered, casts = [], {}, {}, [0]  # kept: what a checkpointed run keeps (bytes, forward order)
+
+    def enter(i, args):
+        where[0] = i
+        for a in args:  # what a checkpointed block keeps: its inputs
+            if isinstance(a, torch.Tensor) and key(a) not in seen_inputs:
+                seen_inputs.add(key(a))
+                alive.append(a)
+                kept.append((True, a.untyped_storage().nbytes()))
+        entered[i] = len(kept)  # what was kept up to this block's start
+
+    def pack(t):
+        k = key(t)
+        if k not in seen and k not in weights:
+            seen.add(k)
+            alive.append(t)  # held (fake: no memory), so that no later storage can reuse its address as key
+            if is_weight_cast(t):
+                casts[0] += t.untyped_storage().nbytes()
+            elif where[0] is None:  # outside every block: kept either way
+                kept.append((False, t.untyped_storage().nbytes()))
+            else:
+                inside[where[0]] = inside.get(where[0], 0) + t.untyped_storage().nbytes()
+        return t
+
+    hooks = [h for i, b in enumerate(blocks(net)) for h in (
+        b.register_forward_pre_hook(lambda m, args, i=i: enter(i, args)),
+        b.register_forward_hook(lambda m, args, out: where.__setitem__(0, None)))]
+    try:
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step()
+        with mode:
+            loss.backward()  # the graph is whole: every saved tensor is used
+    finally:
+        for h in hooks:
+            h.remove()
+    if not checkpointing:  # everything saved (a block's inputs are among what its first operations save)
+        return sum(b for is_input, b in kept if not is_input) + sum(inside.values()), casts[0]
+    # block i recomputes in the backward once everything kept after its start is freed
+    total = lambda events: sum(b for _, b in events)
+    return max([total(kept), *(total(kept[:n]) + inside.get(i, 0) for i, n in entered.items())]), casts[0]
+
+
+def memory_plan(mode, net, step, world, fsdp, checkpointing, precision, micro, others=()):
+    """Per-process bytes of training `net` (fake, from fake_modules, with its mode) over `world` processes:
+    {what: bytes}, with "total". step(): the forward of one micro-batch (`micro` images or sequences) under the
+    run's autocast, returning its loss. others: (name, parameter count, trained) for the networks beside it (a
+    discriminator trained unsharded: weights, gradients, AdamW; a frozen helper: weights only)."""
+    params = count(net)
+    shards = world if fsdp and world > 1 else 1  # DDP (and one process): every process holds everything
+    activations, casts = saved_for_backward(net, step, mode, checkpointing)
+    low = precision in ("bf16", "fp16")
+    # the master weights stay fp32 under autocast; AdamW keeps two moments (exp_avg, exp_avg_sq) per weight
+    plan = {"parameters (fp32)": 4 * params / shards, "gradients (fp32)": 4 * params / shards,
+            "AdamW moments (fp32)": 8 * params / shards,
+            "buffers": sum(b.numel() * b.element_size() for b in net.buffers())}
+    if shards > 1:  # FSDP: the gathered weights of the root unit, and of two blocks at a time (prefetch), with the
+        units = [count(b) for b in blocks(net)]  # unsharded gradients of one
+        plan["gathered weights (FSDP)"] = (params - sum(units) + 2 * max(units)) * (2 if low else 4) + 4 * max(units)
+    elif low:  # autocast's bf16 copies of the weights live from the forward to the backward
+        # (under FSDP the gathered weights are bf16 already, and freed after each unit's forward)
+        plan["bf16 weight copies (autocast)"] = casts
+    for name, n, trained in others:
+        plan[name] = n * (16 if trained else 4)  # trained: weights, gradients, AdamW (fp32); frozen: weights
+    plan[f"activations ({micro} per micro-batch{', checkpointed' if checkpointing else ''})"] = activations
+    # not counted: the backward's transient gradients of activations (one layer's at a time), the optimizer
+    # step's temporaries (when the activations are gone), the CUDA context and the allocator's fragmentation
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def plan_precision(cfg):
+    """The precision a plan is made for: cfg.precision, where "auto" is bf16 unless --device names a non-CUDA device
+    (a plan is made on a laptop, for the GPUs of a cluster)."""
+    auto = "bf16" if (cfg.device or "cuda").startswith("cuda") else "fp32"
+    return auto if cfg.precision == "auto" else cfg.precision
+
+
+def describe_plan(plan, world, fsdp, precision):
+    """The plan as the lines a run starts with: one figure per kind of memory, in GiB."""
+    mode = f"FSDP over {world}" if fsdp and world > 1 else (f"DDP over {world}" if world > 1 else "one process")
+    unit, name = (GiB, "GiB") if plan["total"] >= GiB else (2 ** 20, "MiB")  # a toy's plan in MiB
+    return (f"memory plan per process ({mode}, {precision}; {name}): "
+            + ", ".join(f"{k} {v / unit:.2f}" for k, v in plan.items() if k != "total")
+            + f"; total {plan['total'] / unit:.2f} {name} (before the allocator's slack and the CUDA context)")

@@ -96,7 +96,9 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
     cond = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
     codes = labels.new_zeros(B, N)  # (B, N), filled left to right
     if kv_cache:
-        gpt.setup_cache(len(cond), N, device=labels.device)  # positions [class token, codes 0 .. N-2]
+        device = labels.device.type  # the cache in the compute dtype: bf16 under bf16 autocast (half the bytes)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        gpt.setup_cache(len(cond), N, dtype=dtype, device=labels.device)  # positions [class token, codes 0 .. N-2]
     try:
         for i in range(N):
             if kv_cache and i == 0:
@@ -197,10 +199,10 @@ def main(cfg: SampleConfig):
 
     if cfg.num_samples == 0:  # a labelled grid, one row per class
         classes = grid_classes(cfg, gpt.cfg.num_classes)
-        rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
-                for c in tqdm(classes, desc="sampling", disable=rank != 0)]
         out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png")
-        if rank == 0:
+        if rank == 0:  # one small grid: sampled once, by the main process
+            rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
+                    for c in tqdm(classes, desc="sampling", disable=rank != 0)]
             labelled_grid(rows, [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]).save(out)
     else:  # num_samples images, classes uniformly at random (official), sharded over the processes
         out = cfg.out or os.path.splitext(cfg.ckpt)[0] + f"-samples-{cfg.num_samples}"

@@ -71,6 +71,8 @@ class ARConfig:
     eval_interval: int = -1      # steps between validation cross-entropies (and at the end); -1 = the preset's
     ckpt_interval: int = -1      # steps between checkpoints (and at the end); -1 = the preset's
     max_bad_steps: int = 5       # a non-finite loss or gradient skips its step; this many in a row stop the run
+    plan: bool = False           # print the memory plan (bytes per process, counted on fake tensors) and exit
+    plan_world: int = 0          # processes to plan for; 0 = this run's (torchrun's, else 1)
 
 
 # Training defaults per AR size (spec 5.2; Detailed_instructions.md): global batch, warmup, steps = 300 epochs of
@@ -103,7 +105,8 @@ def resolve(cfg):
 
 # -----------------------------------------------------------------------------------------------------------
 # The code cache: codes (images, views, N) as uint16 when the codebook allows, labels (images,), one folder per
-# (tokenizer, dataset, split); written once by all processes together, then memory-mapped.
+# (tokenizer, dataset, split); each process encodes a contiguous block of the images into a file of its own (so
+# that processes on different nodes never write into the same file pages), rank 0 joins them; then memory-mapped.
 
 def ten_crops(x, size):
     """(B, 3, S, S) -> (B, 10, 3, size, size): four corners, the center, and the mirror image of each."""
@@ -138,31 +141,41 @@ def code_dtype(vocab_size):
 @torch.no_grad()
 def build_code_cache(tok, images, folder, views, batch, rank, world, device):
     """Encode every image of `images` (a dataset of ((V, 3, H, W) views, label)) into folder/codes.npy
-    (n, V, N) and folder/labels.npy (n,). Each process encodes every world-th image into the shared memory maps;
-    meta.json, written last by the caller, marks the cache complete."""
+    (n, V, N) and folder/labels.npy (n,). Each process encodes one contiguous block of the images into its own
+    part files, which rank 0 then joins; meta.json, written last by the caller, marks the cache complete."""
     n, N = len(images), tok.cfg.num_tokens
     os.makedirs(folder, exist_ok=True)
-    codes_path = os.path.join(folder, "codes.npy")
-    labels_path = os.path.join(folder, "labels.npy")
-    if rank == 0:  # the files at their full size first: every process then writes its own rows into them
-        np.lib.format.open_memmap(codes_path, "w+", code_dtype(tok.cfg.codebook_size), (n, views, N)).flush()
-        np.lib.format.open_memmap(labels_path, "w+", np.int64, (n,)).flush()
     runtime.barrier()  # every process has read the old meta.json (if any) by now: it goes, and comes back when complete
     if rank == 0 and os.path.exists(os.path.join(folder, "meta.json")):
         os.remove(os.path.join(folder, "meta.json"))
-    # shared files, no RAM copy
-    codes, labels = np.load(codes_path, mmap_mode="r+"), np.load(labels_path, mmap_mode="r+")
-    mine = list(range(rank, n, world))  # this process's images: every world-th
-    for s in tqdm(range(0, len(mine), batch), desc=f"encoding {folder}", disable=rank != 0):
-        idx = mine[s:s + batch]
-        items = [images[i] for i in idx]
+    lo, hi = n * rank // world, n * (rank + 1) // world  # this process's images
+    part = lambda name, r: os.path.join(folder, f"{name}.part{r}.npy")
+    codes = np.lib.format.open_memmap(part("codes", rank), "w+", code_dtype(tok.cfg.codebook_size), (hi - lo, views, N))
+    labels = np.zeros(hi - lo, np.int64)
+    for s in tqdm(range(lo, hi, batch), desc=f"encoding {folder}", disable=rank != 0):
+        items = [images[i] for i in range(s, min(s + batch, hi))]
         # V views of each image, encoded in one tokenizer call of b * V images
         x = torch.stack([x for x, _ in items]).to(device)                         # (b, V, 3, H, W)
         # (b*V, N) -> (b, V, N)
-        codes[idx] = tok.encode(x.flatten(0, 1)).view(len(idx), views, N).cpu().numpy().astype(codes.dtype)
-        labels[idx] = [int(y) for _, y in items]
+        codes[s - lo:s - lo + len(items)] = tok.encode(x.flatten(0, 1)).view(len(items), views, N).cpu().numpy()
+        labels[s - lo:s - lo + len(items)] = [int(y) for _, y in items]
     codes.flush()
-    labels.flush()
+    del codes
+    np.save(part("labels", rank), labels)
+    runtime.barrier()
+    if rank == 0:  # the parts joined, in rank order (= image order), one part in memory at a time
+        # (a shared file system sees one writer per file: nothing else writes into these pages meanwhile)
+        out = np.lib.format.open_memmap(os.path.join(folder, "codes.npy"), "w+", code_dtype(tok.cfg.codebook_size),
+                                        (n, views, N))
+        for r in range(world):
+            a, b = n * r // world, n * (r + 1) // world
+            out[a:b] = np.load(part("codes", r), mmap_mode="r")
+        out.flush()
+        del out
+        np.save(os.path.join(folder, "labels.npy"), np.concatenate([np.load(part("labels", r)) for r in range(world)]))
+        for r in range(world):
+            os.remove(part("codes", r))
+            os.remove(part("labels", r))
     runtime.barrier()
 
 
@@ -223,7 +236,7 @@ def validate(cfg):
         (0 <= cfg.beta1 < 1, "beta1", "in [0, 1)"), (0 <= cfg.beta2 < 1, "beta2", "in [0, 1)"),
         (cfg.grad_clip > 0, "grad_clip", "a number above 0"), (cfg.cfg_scale >= 0, "cfg_scale", "0 or more"),
         *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("weight_decay", "num_classes", "per_class", "threads",
-                                                            "max_bad_steps")],
+                                                            "max_bad_steps", "plan_world")],
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "eval_interval", "ckpt_interval",
                                                             "encode_batch")]])  # --precision: runtime.autocast_for checks it
 
@@ -289,12 +302,42 @@ def summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, pre
             f"of the training codes {entropy:.3f}")
 
 
+def memory_plan(cfg, gcfg, world, precision):
+    """The memory per process of this run over `world` processes (runtime.memory_plan), from one forward and
+    backward of a micro-batch on fake tensors."""
+    micro = runtime.micro_batch(cfg, world)
+    mode, (gpt,) = runtime.fake_modules(lambda: (GPT(gcfg),))
+    autocast = runtime.autocast_for(precision, torch.device("cpu"))[1]  # CPU autocast stands in for CUDA's
+
+    def step():
+        with autocast:
+            x = torch.randint(gcfg.vocab_size, (micro, gcfg.block_size))                  # (B, N) codes
+            return F.cross_entropy(gpt(x, torch.randint(gcfg.num_classes, (micro,))).flatten(0, 1), x.flatten())
+    plan = runtime.memory_plan(mode, gpt, step, world, cfg.fsdp, cfg.checkpointing, precision, micro)
+    return runtime.describe_plan(plan, world, cfg.fsdp, precision)
+
+
+def plan_only(cfg):
+    """--plan true: the plan for --plan-world processes (default: this launch's), printed once; nothing is allocated.
+    The vocabulary and length are the tokenizer checkpoint's when it names them, else the paper's (16384 x 256)."""
+    world = cfg.plan_world or int(os.environ.get("WORLD_SIZE", 1))
+    tcfg = (model.read_checkpoint(cfg.tokenizer).get("config") or {}).get("tokenizer") \
+        if os.path.exists(cfg.tokenizer) else None
+    tcfg = model.TokenizerConfig(**tcfg) if tcfg else model.TokenizerConfig()  # the paper's: 16384 codes, 256 tokens
+    gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
+                               num_classes=cfg.num_classes or GPT_PRESETS[cfg.gpt].num_classes)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(memory_plan(cfg, gcfg, world, runtime.plan_precision(cfg)))
+    return dict(plan=True)
+
 # -----------------------------------------------------------------------------------------------------------
 # Training
 
 def main(cfg: ARConfig):
     cfg = resolve(cfg)
     validate(cfg)
+    if cfg.plan:  # the memory plan alone: no processes, no models
+        return plan_only(cfg)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
@@ -315,7 +358,7 @@ def main(cfg: ARConfig):
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
                                num_classes=len(classes))
     torch.manual_seed(cfg.seed)  # the GPT's init: a function of the seed
-    gpt = GPT(gcfg).to(device)
+    gpt = runtime.build(lambda: GPT(gcfg), cfg, world, rank, device)  # under FSDP: in memory on rank 0 only
     train = runtime.wrap(gpt, cfg, world, device, precision)  # gpt: no wrapper prefixes
     optimizer = make_optimizer(gpt, cfg, device)  # after FSDP, which replaces the parameters by their shards
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -325,9 +368,11 @@ def main(cfg: ARConfig):
         step = runtime.resume(ckpt_path, parts, dict(tokenizer_fingerprint=fingerprint), asdict(cfg), master)
     config = dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes, tokenizer_fingerprint=fingerprint)
     save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)
-    entropy = unigram_entropy(codes, gcfg.vocab_size)
+    entropy = unigram_entropy(codes, gcfg.vocab_size) if master else None  # for the log, on the main process only
     log = runtime.Logger(cfg.out_dir, master)
-    log.say(summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy))
+    if master:  # the start-up lines, and the memory plan
+        log.say(summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy))
+        log.say(memory_plan(cfg, gcfg, world, precision))
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
     evaluate = lambda: validation_loss(gpt, val_codes, val_labels, micro, rank, world, device, autocast)

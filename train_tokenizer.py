@@ -71,6 +71,8 @@ class TrainConfig:
     image_interval: int = -1     # steps between PNG grids of held-out reconstructions; -1 = the preset's
     ckpt_interval: int = -1      # steps between checkpoints (and at the end); -1 = the preset's
     eval_images: int = 500       # held-out images for the final PSNR and codebook usage
+    plan: bool = False           # print the memory plan (bytes per process, counted on fake tensors) and exit
+    plan_world: int = 0          # processes to plan for; 0 = this run's (torchrun's, else 1)
     max_bad_steps: int = 5       # a non-finite loss or gradient skips its step; this many in a row stop the run
 
 
@@ -126,7 +128,7 @@ def validate(cfg):
                                                             "per_class", "threads", "max_bad_steps")],
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "image_interval", "ckpt_interval",
                                                             "eval_images")],
-        (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
+        (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"), (cfg.plan_world >= 0, "plan_world", "0 or more"),
         (cfg.missing_helpers in ("stop", "warn"), "missing_helpers", "stop or warn")])  # --precision: runtime.autocast_for checks it
     return cfg
 
@@ -196,12 +198,13 @@ def load_frozen(what, load, flags, cfg, rank):
     return net
 
 
-def build_models(cfg, device, rank):
+def build_models(cfg, device, rank, world):
     """-> the tokenizer, the discriminator, and the frozen teacher and LPIPS (None when off or not loadable)."""
     tcfg = TOKENIZER_PRESETS[cfg.size]
     torch.manual_seed(cfg.seed)  # the init is a function of the seed: every process builds the same model
-    tok = Tokenizer(tcfg).to(device)
+    tok = runtime.build(lambda: Tokenizer(tcfg), cfg, world, rank, device)  # under FSDP: in memory on rank 0 only
     disc = PatchDiscriminator().to(device)
+    runtime.broadcast(disc.parameters())  # rank 0's (the RNG has drawn its init after a tokenizer on the meta device)
     teacher = lpips = None
     if tcfg.teacher_dim and cfg.teacher != "none":
         teacher = load_frozen(f"the DINOv2 teacher {cfg.teacher} from {cfg.teacher_repo}",
@@ -254,6 +257,43 @@ def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, de
         f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
         f"{cfg.warmup}, cosine to {cfg.end_lr:g}), disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
         + (f"; resuming from step {step}" if step else ""))
+
+# parameter counts of the DINOv2 teachers (ViT-S/B/L/g with patch 14), for the memory plan, which loads none
+DINOV2_PARAMS = dict(dinov2_vits14=22.06e6, dinov2_vitb14=86.58e6, dinov2_vitl14=304.37e6, dinov2_vitg14=1136.48e6)
+
+
+def memory_plan(cfg, world, precision, teacher=True, lpips=True):
+    """The memory per process of this run over `world` processes (runtime.memory_plan), from one forward and backward
+    of a micro-batch on fake tensors with every loss term the run will use (the GAN's if it starts before
+    max_steps, the shortcut's while step < aux_loss_end); the teacher's weights by its parameter count.
+    teacher, lpips: False when the run goes without them (not loadable)."""
+    tcfg, micro, gan = TOKENIZER_PRESETS[cfg.size], runtime.micro_batch(cfg, world), cfg.disc_start < cfg.max_steps
+    use_lpips = lpips and cfg.lpips and cfg.perceptual_weight > 0
+    mode, (tok, disc, lpips) = runtime.fake_modules(lambda: (Tokenizer(tcfg), PatchDiscriminator(),
+                                                             LPIPS() if use_lpips else None))
+    autocast = runtime.autocast_for(precision, torch.device("cpu"))[1]  # CPU autocast stands in for CUDA's
+
+    def step():
+        with autocast:
+            x = torch.randn(micro, 3, tcfg.image_size, tcfg.image_size)
+            t, _ = loss_terms(tok, x, None, lpips, disc, gan, cfg.aux_loss_end > 0, cfg.entropy_weight > 0)
+            return sum(t.values())
+    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
+    others = [("discriminator", runtime.count(disc), gan), ("LPIPS (frozen)", runtime.count(lpips), False),
+              (f"teacher {cfg.teacher} (frozen)", teacher, False)]
+    plan = runtime.memory_plan(mode, tok, step, world, cfg.fsdp, cfg.checkpointing, precision, micro,
+                               [o for o in others if o[1]])
+    return runtime.describe_plan(plan, world, cfg.fsdp, precision)
+
+
+def plan_only(cfg):
+    """--plan true: the plan for --plan-world processes (default: this launch's), printed once; nothing is allocated.
+    Precision "auto" plans for CUDA (bf16) unless --device says otherwise: a plan is made on a laptop for GPUs."""
+    world = cfg.plan_world or int(os.environ.get("WORLD_SIZE", 1))
+    precision = runtime.plan_precision(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(memory_plan(cfg, world, precision))
+    return dict(plan=True)
 
 # -----------------------------------------------------------------------------------------------------------
 # The loss (spec 4.1, 4.2): the tokenizer returns raw pieces, the loop weighs them.
@@ -331,6 +371,8 @@ def save_grid(tok, x, path, master=True):
 
 def main(cfg: TrainConfig):
     cfg = validate(resolve(cfg))  # every flag checked before anything is loaded
+    if cfg.plan:  # the memory plan alone: no processes, no models
+        return plan_only(cfg)
     rank, world, device = runtime.setup(cfg, tf32=True)   # TF32 on CUDA, as the official trainer
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
@@ -338,7 +380,7 @@ def main(cfg: TrainConfig):
 
     # 1. data, models, optimizers, and the checkpoint to continue from
     train_set, val_set, shown = datasets(cfg, device)
-    tok, disc, teacher, lpips = build_models(cfg, device, rank)
+    tok, disc, teacher, lpips = build_models(cfg, device, rank, world)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
     resuming = os.path.exists(ckpt_path) and not cfg.fresh
     if cfg.init_from and not resuming:
@@ -354,6 +396,8 @@ def main(cfg: TrainConfig):
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
     log.say(summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step))
+    if master:
+        log.say(memory_plan(cfg, world, precision, teacher is not None, lpips is not None))
 
     # 2. the loop: a generator step (the tokenizer), then a discriminator step once the GAN has started
     batches = data.train_batches(train_set, micro, rank, world, cfg.seed, start=step * cfg.grad_accum,
@@ -405,7 +449,7 @@ def main(cfg: TrainConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
-    if not os.path.exists(ckpt_path):  # max_steps 0
+    if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
         save()
     val_psnr, usage = evaluate_held_out(tok, val_set, cfg.eval_images, 32, rank, world, device)
     log(step, val_psnr=val_psnr, val_usage=usage)
