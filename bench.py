@@ -3,7 +3,7 @@ How fast the models run, in the units people compare (nanoGPT's bench.py, for th
 never fails on a number: images/s of the tokenizer training step (plain, and with the discriminator), of encode and
 decode; tokens/s of the AR training step and of sampling (with and without the KV cache); peak memory; and the
 FLOPs of each (counted from the shapes by torch's FlopCounterMode), with the achieved FLOP/s and,
-on CUDA, the MFU against --peak-tflops.
+on CUDA, the MFU against --peak-tflops; and the memory plan of both training steps (runtime.memory_plan).
 
     python bench.py                                  # the toys, on this machine's default device
     python bench.py --size s-s --gpt gpt-b --batch-size 2 --threads 1
@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import runtime
 import sample
+import train_ar
 import train_tokenizer
 from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, PatchDiscriminator, Tokenizer
 
@@ -117,6 +118,12 @@ def main(cfg: BenchConfig):
     print(f"bench: tokenizer {cfg.size} ({runtime.count(tok) / 1e6:.2f}M), AR {cfg.gpt} ({runtime.count(gpt) / 1e6:.2f}M, "
           f"{gcfg.block_size} tokens of {gcfg.vocab_size}); device {device}, {precision}, {torch.get_num_threads()} "
           f"threads{', compiled' if cfg.compile else ''}; median of {cfg.steps}")
+    # what the training steps hold, from the memory plan (runtime.memory_plan): the tokenizer with the discriminator
+    tcfg_train = train_tokenizer.resolve(train_tokenizer.TrainConfig(size=cfg.size, batch_size=cfg.batch_size,
+                                                                     teacher="none", lpips=False, disc_start=0))
+    print("  tokenizer step with the discriminator, " + train_tokenizer.memory_plan(tcfg_train, 1, precision))
+    print("  AR step, " + train_ar.memory_plan(train_ar.resolve(train_ar.ARConfig(gpt=cfg.gpt,
+                                                                batch_size=cfg.ar_batch_size)), gcfg, 1, precision))
     for name, units, unit, fn in rows:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

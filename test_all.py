@@ -1499,6 +1499,7 @@ def test_bench_prints_a_row_for_every_measurement():
         bench.main(bench.BenchConfig(batch_size=2, ar_batch_size=2, samples=1, steps=1, device="cpu"))
     rows = [l for l in buf.getvalue().splitlines() if "GFLOP" in l]
     assert len(rows) == 7 and all("/s" in r and "peak" in r for r in rows), buf.getvalue()  # figures, not timings
+    assert sum("memory plan per process" in l for l in buf.getvalue().splitlines()) == 2  # tokenizer and AR steps
 
 
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
