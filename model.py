@@ -94,8 +94,8 @@ TOKENIZER_PRESETS = {
                            norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity"),  # DINOv2-S/14
     # ours: the same toy as the paper's 1D Q-Former tokenizer, its decoder's queries started from the finest-level
     # latent tokens (the official last_level_2d_query_init); 128 latent tokens (= 2 * 8 * 8, the most the pooling
-    # allows), so the finest level is one token per grid cell: 24.0 dB in the laptop budget, 64 tokens 22.2 dB;
-    # see README "The 1D toy"
+    # allows), so the finest level is one token per grid cell: all codes used, 22.5-24.0 dB (2 or 1 threads) where
+    # 64 tokens gave 22.2 dB; see README "The 1D toy"
     "toy-1d": TokenizerConfig(image_size=64, kind="1d", layer_type="detr", encoder_size="toy", decoder_size="toy",
                               num_latent_tokens=128, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
                               norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity",

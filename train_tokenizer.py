@@ -93,8 +93,8 @@ TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
     "toy":    dict(batch_size=16, warmup=50, entropy_weight=0.005, aux_loss_end=0, disc_start=10 ** 9, max_steps=450,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250,
                    teacher="dinov2_vits14", missing_helpers="warn"),
-    # the 1D toy: as many steps as the laptop budget (10 min on 2 idle cores) allows at 128 latent tokens (each step
-    # 1.10x the cost of one at 64), and a stronger entropy loss to use as much of its codebook (at 64 tokens 0.015:
+    # the 1D toy: the compute of 780 steps at 64 latent tokens, spent at 128 (each step 1.10x the cost; 13 min on 2
+    # cores on a slow day, over the 10-minute goal), and a stronger entropy loss to use as much of its codebook (at 64 tokens 0.015:
     # 71% held-out usage, 0.005: 36%, the same PSNR; README "The 1D toy")
     "toy-1d": dict(batch_size=16, warmup=50, entropy_weight=0.015, aux_loss_end=0, disc_start=10 ** 9, max_steps=710,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250,
