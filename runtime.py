@@ -6,12 +6,12 @@ the optimizer step), and the memory plan.
     parse_config(cfg)                  dataclass defaults <- command line (--field-name value), --help
     setup(cfg) -> (rank, world, device)  torchrun -> one process per device (DDP), else one plain process
     barrier(), all_reduce(t), cleanup_distributed()
-    micro_batch(cfg, world), autocast_for(cfg, device)   the per-process batch, the precision
+    micro_batch(cfg, world), precision_for / autocast_for(precision, device)   the per-process batch, the precision
     get_lr(step, ...)                  linear warmup, then cosine or WSD
     resume(path, parts, ...), build(make, ...), wrap(model, ...) (checkpointing, FSDP, compile, DDP), grad_sync(...)
     save_checkpoint(obj, path), save(path, parts, ...), optimizer_step(...)
     Logger(out_dir, master)(step, **numbers), write_json(path, obj), read_json(path)
-    fake_modules(make), memory_plan(...), describe_plan(...)   what a run will hold, before it allocates anything
+    fake_modules(make), memory_plan(...), describe_plan(...), plan_only(cfg, plan)   what a run will hold
 """
 import argparse
 import dataclasses
@@ -174,13 +174,19 @@ def micro_batch(cfg, world):
     return micro
 
 
-def autocast_for(precision, device):
-    """-> (precision name, autocast context). "auto" is bf16 autocast on CUDA and fp32 elsewhere; fp16 needs the
-    GradScaler (the trainers make one, enabled for fp16 only)."""
+def precision_for(precision, device):
+    """--precision as run on `device`: "auto" is bf16 on CUDA and fp32 elsewhere; anything else is checked."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--precision {precision!r}: auto, bf16, fp16 or fp32")
+    return precision
+
+
+def autocast_for(precision, device):
+    """-> (precision name, autocast context), the name from precision_for; fp16 needs the GradScaler (the trainers
+    make one, enabled for fp16 only)."""
+    precision = precision_for(precision, device)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=None)[precision]  # fp32: no autocast at all
     return precision, (torch.autocast(device.type, dtype) if dtype else nullcontext())
 
@@ -628,15 +634,18 @@ def memory_plan(mode, net, step, world, fsdp, checkpointing, precision, micro, o
     return plan
 
 
-def plan_precision(cfg):
-    """The precision a plan is made for: cfg.precision, where "auto" is bf16 unless --device names a non-CUDA device
-    (a plan is made on a laptop, for the GPUs of a cluster)."""
-    auto = "bf16" if (cfg.device or "cuda").startswith("cuda") else "fp32"
-    return auto if cfg.precision == "auto" else cfg.precision
+def plan_only(cfg, plan):
+    """--plan true: print plan(world, precision) once (rank 0 under torchrun) and allocate nothing. world is
+    --plan-world (0: this launch's); the device is --device or else CUDA, so that "auto" plans bf16: a plan is made
+    on a laptop, for the GPUs of a cluster."""
+    world = cfg.plan_world or int(os.environ.get("WORLD_SIZE", 1))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(plan(world, precision_for(cfg.precision, torch.device(cfg.device or "cuda"))))
+    return dict(plan=True)
 
 
 def describe_plan(plan, world, fsdp, precision):
-    """The plan as the lines a run starts with: one figure per kind of memory, in GiB."""
+    """The plan as the line a run starts with: one figure per kind of memory, in GiB (MiB for a plan under 1 GiB)."""
     mode = f"FSDP over {world}" if fsdp and world > 1 else (f"DDP over {world}" if world > 1 else "one process")
     unit, name = (GiB, "GiB") if plan["total"] >= GiB else (2 ** 20, "MiB")  # a toy's plan in MiB
     return (f"memory plan per process ({mode}, {precision}; {name}): "

@@ -318,17 +318,14 @@ def memory_plan(cfg, gcfg, world, precision):
 
 
 def plan_only(cfg):
-    """--plan true: the plan for --plan-world processes (default: this launch's), printed once; nothing is allocated.
-    The vocabulary and length are the tokenizer checkpoint's when it names them, else the paper's (16384 x 256)."""
-    world = cfg.plan_world or int(os.environ.get("WORLD_SIZE", 1))
+    """--plan true (runtime.plan_only). The vocabulary and length are the tokenizer checkpoint's when it names them,
+    else the paper's (16384 codes x 256 tokens)."""
     tcfg = (model.read_checkpoint(cfg.tokenizer).get("config") or {}).get("tokenizer") \
         if os.path.exists(cfg.tokenizer) else None
     tcfg = model.TokenizerConfig(**tcfg) if tcfg else model.TokenizerConfig()  # the paper's: 16384 codes, 256 tokens
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
                                num_classes=cfg.num_classes or GPT_PRESETS[cfg.gpt].num_classes)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(memory_plan(cfg, gcfg, world, runtime.plan_precision(cfg)))
-    return dict(plan=True)
+    return runtime.plan_only(cfg, lambda world, precision: memory_plan(cfg, gcfg, world, precision))
 
 # -----------------------------------------------------------------------------------------------------------
 # Training

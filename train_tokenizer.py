@@ -94,8 +94,8 @@ TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250,
                    teacher="dinov2_vits14", missing_helpers="warn"),
     # the 1D toy: the compute of 780 steps at 64 latent tokens, spent at 128 (each step 1.10x the cost; 13 min on 2
-    # cores on a slow day, over the 10-minute goal), and a stronger entropy loss to use as much of its codebook (at 64 tokens 0.015:
-    # 71% held-out usage, 0.005: 36%, the same PSNR; README "The 1D toy")
+    # cores on a slow day, over the 10-minute goal), and a stronger entropy loss to use as much of its codebook
+    # (at 64 tokens 0.015: 71% held-out usage, 0.005: 36%, the same PSNR; README "The 1D toy")
     "toy-1d": dict(batch_size=16, warmup=50, entropy_weight=0.015, aux_loss_end=0, disc_start=10 ** 9, max_steps=710,
                    lr=1e-3, end_lr=1e-4, log_interval=50, image_interval=250, ckpt_interval=250,
                    teacher="dinov2_vits14", missing_helpers="warn"),
@@ -263,13 +263,13 @@ def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, de
 DINOV2_PARAMS = dict(dinov2_vits14=22.06e6, dinov2_vitb14=86.58e6, dinov2_vitl14=304.37e6, dinov2_vitg14=1136.48e6)
 
 
-def memory_plan(cfg, world, precision, teacher=True, lpips=True):
+def memory_plan(cfg, world, precision, with_teacher=True, with_lpips=True):
     """The memory per process of this run over `world` processes (runtime.memory_plan), from one forward and backward
     of a micro-batch on fake tensors with every loss term the run will use (the GAN's if it starts before
     max_steps, the shortcut's while step < aux_loss_end); the teacher's weights by its parameter count.
-    teacher, lpips: False when the run goes without them (not loadable)."""
+    with_teacher, with_lpips: False when the run goes without them (not loadable)."""
     tcfg, micro, gan = TOKENIZER_PRESETS[cfg.size], runtime.micro_batch(cfg, world), cfg.disc_start < cfg.max_steps
-    use_lpips = lpips and cfg.lpips and cfg.perceptual_weight > 0
+    use_lpips = with_lpips and cfg.lpips and cfg.perceptual_weight > 0
     mode, (tok, disc, lpips) = runtime.fake_modules(lambda: (Tokenizer(tcfg), PatchDiscriminator(),
                                                              LPIPS() if use_lpips else None))
     autocast = runtime.autocast_for(precision, torch.device("cpu"))[1]  # CPU autocast stands in for CUDA's
@@ -279,22 +279,13 @@ def memory_plan(cfg, world, precision, teacher=True, lpips=True):
             x = torch.randn(micro, 3, tcfg.image_size, tcfg.image_size)
             t, _ = loss_terms(tok, x, None, lpips, disc, gan, cfg.aux_loss_end > 0, cfg.entropy_weight > 0)
             return sum(t.values())
-    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
+    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
     others = [("discriminator", runtime.count(disc), gan), ("LPIPS (frozen)", runtime.count(lpips), False),
               (f"teacher {cfg.teacher} (frozen)", teacher, False)]
     plan = runtime.memory_plan(mode, tok, step, world, cfg.fsdp, cfg.checkpointing, precision, micro,
                                [o for o in others if o[1]])
     return runtime.describe_plan(plan, world, cfg.fsdp, precision)
 
-
-def plan_only(cfg):
-    """--plan true: the plan for --plan-world processes (default: this launch's), printed once; nothing is allocated.
-    Precision "auto" plans for CUDA (bf16) unless --device says otherwise: a plan is made on a laptop for GPUs."""
-    world = cfg.plan_world or int(os.environ.get("WORLD_SIZE", 1))
-    precision = runtime.plan_precision(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(memory_plan(cfg, world, precision))
-    return dict(plan=True)
 
 # -----------------------------------------------------------------------------------------------------------
 # The loss (spec 4.1, 4.2): the tokenizer returns raw pieces, the loop weighs them.
@@ -373,7 +364,7 @@ def save_grid(tok, x, path, master=True):
 def main(cfg: TrainConfig):
     cfg = validate(resolve(cfg))  # every flag checked before anything is loaded
     if cfg.plan:  # the memory plan alone: no processes, no models
-        return plan_only(cfg)
+        return runtime.plan_only(cfg, lambda world, precision: memory_plan(cfg, world, precision))
     rank, world, device = runtime.setup(cfg, tf32=True)   # TF32 on CUDA, as the official trainer
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
