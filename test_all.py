@@ -1729,7 +1729,7 @@ def test_memory_plan_activations_match_a_measured_cpu_peak():
                                       check=True).stdout.split()[-1])
         cfg = train_tokenizer.validate(train_tokenizer.resolve(train_tokenizer.TrainConfig(
             batch_size=8, disc_start=0, aux_loss_end=10, checkpointing=checkpointing)))
-        line = train_tokenizer.memory_plan(cfg, 1, "fp32", teacher=False)
+        line = train_tokenizer.memory_plan(cfg, 1, "fp32", with_teacher=False)
         planned = [v for k, v in _plan_numbers(line).items() if k.startswith("activations")][0]
         assert 0.8 <= planned / measured <= 1.25, (checkpointing, planned / 2 ** 20, measured / 2 ** 20)
 
