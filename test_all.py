@@ -4,8 +4,15 @@ All of the project's tests: plain `test_*` functions.
     python test_all.py quant    # only tests whose name contains "quant"
     python -m pytest test_all.py
 """
+import argparse
+import contextlib
+import dataclasses
+import io
+import itertools
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,16 +26,19 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)))
 
 
-# ---- model.py / quantizer.py ----
-
-import dataclasses
-
 import data
+import evaluate
 import model
 import quantizer
 import runtime
+import sample
+import train_ar
+import train_tokenizer
 from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# ---- model.py / quantizer.py ----
 
 def toy_cfg(**kw):
     """The toy's numbers in the official form (1D Q-Former, 32 groups, official init) unless kw says otherwise."""
@@ -289,9 +299,6 @@ def test_gpt_class_dropout_rate():
 
 # ---- model.py: checkpoint loading (load_tokenizer / load_gpt) ----
 
-import argparse
-
-
 def _official_name(name, kind):
     """Our tokenizer tensor name -> the official GigaTok one (spec 4.3). Written here independently of the
     loader's rule table, so that a wrong rule there shows up as a failed round trip."""
@@ -445,8 +452,6 @@ def test_load_official_gpt_round_trip_and_errors():
 
 
 # ---- evaluate.py ----
-
-import evaluate
 
 # Pixel-metric inputs: numpy's legacy RandomState streams (fixed forever by numpy's compatibility policy).
 # The pinned values were computed by scikit-image 0.26.0 (numpy 2.4.6) in a throwaway venv:
@@ -766,10 +771,6 @@ def test_inception_weights_absent_message():
 
 # ---- train_ar.py / sample.py ----
 
-import train_ar
-import sample
-
-
 def _tiny_gpt(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=32, vocab_size=40, block_size=12,
@@ -970,11 +971,6 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
 
 # ---- train_tokenizer.py ----
 
-import itertools
-
-import train_tokenizer
-
-
 def _tok_run(out_dir, **kw):
     """train_tokenizer.main on the toy, offline (no teacher, no LPIPS), tiny batches; -> (result, log rows)."""
     cfg = train_tokenizer.TrainConfig(**{**dict(out_dir=out_dir, batch_size=2, warmup=0, log_interval=1,
@@ -1072,6 +1068,29 @@ def test_train_batches_are_a_function_of_seed_rank_and_step():
     assert torch.equal(first[7][0], later[0]) and torch.equal(first[7][1], later[1])   # a resume sees the same
     other = next(data.train_batches(images, 4, rank=0, world=2, seed=5, start=7))
     assert not torch.equal(other[0], later[0])
+
+
+def test_keep_freed_memory_keeps_a_freed_block_for_reuse():
+    # glibc unmaps a freed 64 MiB block at once (RSS falls back); after runtime.keep_freed_memory it stays in the
+    # process for later allocations (the CPU speed-up: no fresh page faults for each step's activations)
+    script = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import runtime
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+def kept():  # RSS left after a 64 MiB tensor is written and freed
+    before = rss()
+    x = torch.ones(2 ** 24)
+    del x
+    return rss() - before
+default = kept()
+runtime.keep_freed_memory()
+print(default, kept())
+"""
+    out = subprocess.run([sys.executable, "-c", script, REPO], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+    default, after = map(int, out.stdout.split())
+    assert default < 8 * 2 ** 20 and after > 48 * 2 ** 20, (default, after)
 
 
 def test_checkpoint_save_is_atomic():
@@ -1219,14 +1238,6 @@ def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
 
 
 # ---- reliability: bad flags, bad files, bad numbers, kills and restarts ----
-
-import contextlib
-import io
-import re
-import subprocess
-
-REPO = os.path.dirname(os.path.abspath(__file__))
-
 
 def _user_error(main, cfg, argv):
     """runtime.run(main, cfg) with the command line argv -> (exit status, what it printed on stderr)."""
@@ -1504,9 +1515,6 @@ def test_bench_prints_a_row_for_every_measurement():
 
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
 
-import subprocess
-
-
 def _torchrun(script, nproc=2, **flags):
     """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun: nproc CPU
     processes over gloo, one thread each, on the cores this process may use."""
@@ -1567,7 +1575,9 @@ def test_fsdp_two_processes_equal_one():
         _torchrun("train_tokenizer", **dict(TOK_RUN, eval_images=65), fsdp="true", out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))
         diff = _max_diff(one["model"], fsdp["model"])
-        assert diff <= 1e-5, diff                                          # 2 processes x 2 images = 1 x 4
+        # 2 processes x 2 images = 1 x 4, to fp32 rounding: convolutions over 2 or 4 images add in another order
+        # (4.9e-6 on one CPU, 1.9e-5 on an AVX2-only AMD EPYC), against the ~3e-4 that 3 Adam steps at lr 1e-4 move
+        assert diff <= 5e-5, diff
         assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6      # one format: torch.optim's, by index
         assert set(fsdp) == set(one) and fsdp["step"] == 3
         import json
@@ -1724,7 +1734,7 @@ def test_memory_plan_activations_match_a_measured_cpu_peak():
     # toy, 8 images, the GAN and the shortcut on, with and without activation checkpointing
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     for checkpointing in (False, True):
-        measured = int(subprocess.run([sys.executable, "-c", _MEASURE, os.path.dirname(os.path.abspath(__file__)), "8",
+        measured = int(subprocess.run([sys.executable, "-c", _MEASURE, REPO, "8",
                                        str(int(checkpointing))], env=env, capture_output=True, text=True,
                                       check=True).stdout.split()[-1])
         cfg = train_tokenizer.validate(train_tokenizer.resolve(train_tokenizer.TrainConfig(
