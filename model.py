@@ -555,8 +555,9 @@ GPT_PRESETS = {  # (official counts with vocab 16384, 1000 classes, 256 tokens)
     "gpt-l": GPTConfig(n_layer=24, n_head=16, dim=1024),    # 343.2M
     "gpt-xl": GPTConfig(n_layer=36, n_head=20, dim=1280),   # 775.0M
     "gpt-xxl": GPTConfig(n_layer=48, n_head=24, dim=1536),  # 1411.4M
-    # ours: a CPU toy, without token, residual or feed-forward dropout (it overfits less than it underfits)
-    "toy": GPTConfig(n_layer=4, n_head=4, dim=256, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),
+    # ours: a CPU toy, without token, residual or feed-forward dropout (it overfits less than it underfits); 3 layers,
+    # since on the 1D toy's 128 codes 4 learned no faster per step (2.15 against 2.13 nats after 800) at 1.35x the time
+    "toy": GPTConfig(n_layer=3, n_head=4, dim=256, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),
 }
 
 
