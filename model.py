@@ -77,6 +77,11 @@ def _preset(enc, dec, kind="1d", **kw):
     return TokenizerConfig(encoder_size=enc, decoder_size=dec, kind=kind, layer_type=layer_type, **kw)
 
 
+# what the two toys share (ours): 64x64 images, the "toy" transformers, a 4-level CNN with 8 GroupNorm groups,
+# 1024 codes, DINOv2-S/14's width as the semantic target, and identity_init
+_TOY = dict(image_size=64, encoder_size="toy", decoder_size="toy", ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+            z_channels=64, norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity")
+
 # Every configuration of the paper (Tables 2 and 9), named as the user types it, with the official counts.
 # The loss weights (commitment, entropy, ...) are training fields: train_tokenizer.TRAIN_PRESETS.
 TOKENIZER_PRESETS = {
@@ -93,14 +98,10 @@ TOKENIZER_PRESETS = {
     # is one token per grid cell, and the decoder's queries start from those tokens (the official
     # last_level_2d_query_init: with the official token0 the toy stays near 12 dB for hundreds of steps); see
     # README "The 1D toy"
-    "toy": TokenizerConfig(image_size=64, kind="1d", layer_type="detr", encoder_size="toy", decoder_size="toy",
-                           num_latent_tokens=128, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
-                           norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity",  # DINOv2-S/14
+    "toy": TokenizerConfig(**_TOY, kind="1d", layer_type="detr", num_latent_tokens=128, ch=16,
                            query_init_2d="last_level"),
     # ours: the 2D toy (ViT on the 8x8 grid = 64 tokens, CNN width 32), for the paper's 1D-vs-2D comparison (Fig. 9)
-    "toy-2d": TokenizerConfig(image_size=64, kind="2d", layer_type="vit", encoder_size="toy", decoder_size="toy",
-                              num_latent_tokens=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64,
-                              norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity"),
+    "toy-2d": TokenizerConfig(**_TOY, kind="2d", layer_type="vit", num_latent_tokens=64, ch=32),
 }
 
 # -----------------------------------------------------------------------------------------------------------

@@ -248,28 +248,6 @@ def test_identity_init_starts_every_residual_branch_at_zero():
             assert torch.equal(gamma, torch.ones_like(gamma))
 
 
-def test_toy_1d_loss_falls_on_a_fixed_batch():
-    # the default toy is the paper's 1D Q-Former tokenizer: on one fixed batch, 30 AdamW steps at the toy's lr and
-    # loss weights cut the reconstruction MSE to under a quarter, and the codes do not collapse
-    torch.manual_seed(0)
-    tok = Tokenizer(TOKENIZER_PRESETS["toy"])
-    assert tok.cfg.kind == "1d" and tok.cfg.num_tokens == 128
-    images = data.SyntheticImages("val", 64)
-    x = torch.stack([images[i][0] for i in range(4)])                           # (4, 3, 64, 64)
-    opt = torch.optim.AdamW(tok.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    losses = []
-    for _ in range(30):
-        recon, aux = tok(x, entropy=True)
-        mse = F.mse_loss(recon, x)
-        (mse + aux["codebook"] + 0.25 * aux["commitment"] + 0.015 * aux["entropy"]).backward()  # the toy's weights
-        opt.step()
-        opt.zero_grad()
-        losses.append(mse.item())
-    assert losses[-1] < 0.25 * losses[0], losses                                # measured 0.60 -> 0.07
-    with torch.no_grad():
-        assert tok.eval().encode(x).unique().numel() > 32                      # of 4 * 128 codes (measured 79)
-
-
 def test_decoder_2d_query_inits():
     # multi_level_unpool inverts multi_level_pool: a map constant on the finest pooling blocks comes back unchanged
     # ("last"), and "all" is the mean over levels; the decoder's "token0" (official) and "last_level" add no
@@ -1138,10 +1116,16 @@ def test_checkpoint_save_is_atomic():
 
 
 def test_toy_training_steps_reduce_the_loss_on_a_fixed_batch():
+    # the default toy is the paper's 1D Q-Former tokenizer: trained with its own loss weights on one image, the
+    # reconstruction MSE falls to under a quarter (measured 0.16 of it) and its codes do not collapse
     with tempfile.TemporaryDirectory() as d:   # one training image: every batch is that image (flipped or not)
         result, rows = _tok_run(d, max_steps=25, num_classes=1, per_class=1, lr=1e-3)
+        assert result["tokenizer"].cfg.kind == "1d" and result["tokenizer"].cfg.num_tokens == 128
         losses = [r["mse"] for r in rows]
-        assert len(losses) == 25 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+        assert len(losses) == 25 and np.mean(losses[-5:]) < 0.25 * np.mean(losses[:3]), losses
+        x = data.make_dataset("synthetic", "train", 64, 0, num_classes=1, per_class=1)[0][0][None]  # (1, 3, 64, 64)
+        with torch.no_grad():
+            assert result["tokenizer"].eval().encode(x).unique().numel() > 32   # of 128 codes (measured 52)
         assert os.path.exists(os.path.join(d, "ckpt.pt")) and os.path.exists(os.path.join(d, "recon-0000025.png"))
         loaded = model.load_tokenizer(os.path.join(d, "ckpt.pt"))    # the checkpoint is what the loader reads
         assert loaded.cfg == result["tokenizer"].cfg
@@ -1474,7 +1458,8 @@ def test_two_gloo_processes_equal_one_at_twice_the_batch_with_and_without_grad_a
     # On the 2D toy: in the 1D toy some gradient elements sit at rounding level, and AdamW turns their reduction-order
     # differences (1e-7) into lr-sized steps of either sign (measured: 1.7e-4 apart after 2 steps at lr 1e-4)
     with tempfile.TemporaryDirectory() as d:
-        common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--teacher", "none", "--lpips", "false", "--threads", "1",
+        common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--teacher", "none", "--lpips", "false",
+                  "--threads", "1",
                   "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000", "--log-interval", "1"]
         for name, n, extra in [("one", 1, ["--batch-size", "4"]), ("two", 2, ["--batch-size", "4"]),
                                ("one-8", 1, ["--batch-size", "8"]), ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
