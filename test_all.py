@@ -288,17 +288,6 @@ def test_gpt_kv_cache_matches_full_forward():
     assert full.abs().max() > 0
 
 
-def test_few_rows_linear_equals_the_layer():
-    # its defining property: W @ x^T for a few rows is the layer's own output, to rounding, in every shape
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 80, bias=False)
-    for shape in [(1, 48), (8, 1, 48), (2, 3, 48), (4, 40, 48)]:   # the last has more rows: the layer's own path
-        x = torch.randn(shape)
-        y = model.few_rows_linear(layer, x)
-        assert y.shape == (*shape[:-1], 80)
-        assert torch.allclose(y, layer(x), atol=1e-6) and y.abs().max() > 0.1
-
-
 def test_gpt_class_dropout_rate():
     torch.manual_seed(0)
     gpt = GPT(dataclasses.replace(GPT_PRESETS["toy"], n_layer=1, vocab_size=8, block_size=4, num_classes=10))
