@@ -5,6 +5,8 @@ The images every script reads, and the stream of training batches.
                                             item i -> (x (3, S, S) float in [-1, 1], label), the center crop;
                                             .train_item(i, rng) -> the augmented training view
     train_batches(dataset, batch, ...)     augmented micro-batches, a pure function of (seed, rank, step)
+    in_order(dataset, lo, hi, batch, ...)  the items lo .. hi-1 in order, batched: for encoding and evaluation
+    workers(n, device)                     what --num-workers -1 means: 6 loading processes on CUDA, 0 on CPU
     stream_indices(n, start, count, seed)  which images the batch stream visits (the AR trainer walks it too)
     pixel_values / to_uint8 / to_tensor    [-1, 1] floats <-> the uint8 values a PNG holds
     psnr(a, b), image_grid(rows)           the project's one PSNR, and the PNG grids of the scripts
@@ -334,4 +336,17 @@ def train_batches(dataset, batch, rank=0, world=1, seed=0, start=0, num_workers=
                                             sampler=itertools.count(start), num_workers=num_workers,
                                             pin_memory=torch.cuda.is_available(),
                                             persistent_workers=num_workers > 0))
+
+
+def in_order(dataset, lo, hi, batch, num_workers=0):
+    """Iterable over the items lo .. hi-1 of dataset in order, `batch` at a time: (x (b, ...), y (b,)), loaded by
+    num_workers background processes (the DataLoader keeps the order). Code extraction and evaluation read this."""
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch,
+                                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def workers(n, device):
+    """The flag --num-workers: n, or for -1 six loading processes on CUDA (decoding JPEGs would starve the GPU)
+    and none on a CPU, whose cores are the compute."""
+    return (6 if torch.device(device).type == "cuda" else 0) if n < 0 else n
 

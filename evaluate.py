@@ -423,8 +423,9 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
     used = torch.zeros(tok.cfg.codebook_size, dtype=torch.bool)
     feats = {"orig": [], "recon": []}
     grid = None
-    for i in tqdm(range(lo, hi, cfg.batch_size), desc="reconstructing", disable=rank != 0):
-        x = torch.stack([dataset[j][0] for j in range(i, min(i + cfg.batch_size, hi))]).to(device)
+    batches = data.in_order(dataset, lo, hi, cfg.batch_size, data.workers(cfg.num_workers, device))
+    for x, _ in tqdm(batches, desc="reconstructing", disable=rank != 0):
+        x = x.to(device)                                                    # (B, 3, H, W)
         # through the codes, as the official evaluation: encode -> indices -> decode
         codes = tok.encode(x)                                               # (B, N)
         recon = tok.decode(codes).float()                                   # (B, 3, H, W), unclamped
@@ -603,6 +604,7 @@ class EvalConfig:
     vgg_path: str = ""          # VGG16 ImageNet weights; "" = torch.hub's cache (downloads if online)
     lpips_lin_path: str = ""    # LPIPS v0.1 linear heads (vgg.pth); "" = torch.hub's cache
     batch_size: int = 32        # images per forward pass, per process
+    num_workers: int = -1       # image-loading processes per process; -1 = 6 on CUDA, 0 on CPU
     out_dir: str = ""           # eval.json and PNGs; "" = beside the first checkpoint / samples given
     device: str = ""            # "" = cuda, else mps, else cpu
     threads: int = 0            # torch CPU threads (0 = torch's default)
@@ -622,7 +624,8 @@ def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
     training crops. An AR checkpoint without our training config (an official one) gets every image of --data."""
     fields = {f.name for f in dataclasses.fields(ARConfig)}  # what train_ar.py stored about its data
     ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0),
-                                 **{**{k: v for k, v in ar_train.items() if k in fields}, "tokenizer": tok_path})
+                                 **{**{k: v for k, v in ar_train.items() if k in fields}, "tokenizer": tok_path,
+                                    "num_workers": cfg.num_workers})
     views = 10 if split == "train" else 1  # the cache's layout: ten crops for training, the center crop held out
     codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
     center = 4 if views == 10 else 0                                                 # ten crops: 4 corners, center
@@ -655,6 +658,7 @@ def main(cfg: EvalConfig):
                         (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"), (cfg.probe_lr > 0, "probe_lr", "above 0"),
                         (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"),
                         (cfg.threads >= 0, "threads", "0 or more"),
+                        (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
                         *[(not p or os.path.exists(p), k, "no such file or folder") for k, p in
                           (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
     # the flags first: a wrong path is one line before Inception or a checkpoint is read

@@ -609,6 +609,9 @@ def test_reconstruction_report_equals_direct_computation():
         assert abs(out["lpips"] - lpips(x, recon).mean().item()) < 1e-5
     assert out["codes_used"] == len(codes.unique()) and out["codebook_usage"] == len(codes.unique()) / 1024
     assert out["images"] == 6 and math.isfinite(out["rfid"])
+    # two loading processes: the same images in the same order, so the same report
+    loaded = evaluate.reconstruction_report(tok, data, evaluate.EvalConfig(batch_size=4, num_workers=2), "cpu", 0, 1)
+    assert all(loaded[k] == out[k] for k in ("psnr", "ssim", "codes_used", "images")), (loaded, out)
 
 
 def test_evaluate_main_reconstruction_without_inception_weights():
@@ -1788,19 +1791,22 @@ def test_ar_plan_checkpointing_keeps_less_and_ddp_keeps_everything_whole():
     assert "bf16 weight copies (autocast)" in ddp and "gathered weights (FSDP)" in fsdp
 
 
-def test_code_cache_written_by_two_processes_equals_one():
+def test_code_cache_written_by_two_processes_or_with_loading_workers_equals_one():
     # each process encodes a contiguous block of the images into its own part files (processes on different nodes
-    # never write into the same file pages), rank 0 joins them: the same files as one process writes, no parts left
+    # never write into the same file pages), rank 0 joins them: the same files as one process writes, no parts left;
+    # and one process whose images two loading workers read writes the same files too
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
         tok_path = _tiny_tokenizer_checkpoint(d)
         flags = dict(tokenizer=tok_path, gpt="test-exact", num_classes=2, per_class=3, max_steps=0)
         train_ar.main(train_ar.ARConfig(**flags, code_dir=os.path.join(d, "one"), out_dir=os.path.join(d, "ar1")))
         _torchrun("train_ar", **flags, code_dir=os.path.join(d, "two"), out_dir=os.path.join(d, "ar2"))
+        train_ar.main(train_ar.ARConfig(**flags, num_workers=2, code_dir=os.path.join(d, "workers"),
+                                        out_dir=os.path.join(d, "ar3")))
         for split in ("train", "val"):
             for name in ("codes.npy", "labels.npy"):
-                a, b = (np.load(os.path.join(d, w, split, name)) for w in ("one", "two"))
-                assert a.dtype == b.dtype and np.array_equal(a, b), (split, name)
+                a, b, c = (np.load(os.path.join(d, w, split, name)) for w in ("one", "two", "workers"))
+                assert a.dtype == b.dtype == c.dtype and np.array_equal(a, b) and np.array_equal(a, c), (split, name)
             assert sorted(os.listdir(os.path.join(d, "two", split))) == ["codes.npy", "labels.npy", "meta.json"]
 
 

@@ -66,6 +66,7 @@ class ARConfig:
     device: str = ""             # "" = cuda, else mps, else cpu
     threads: int = 0             # torch CPU threads (0 = torch's default)
     encode_batch: int = 32       # images per tokenizer call while building the code cache (x views each)
+    num_workers: int = -1        # image-loading processes per process for the code cache; -1 = 6 on CUDA, 0 on CPU
     seed: int = 0
     log_interval: int = -1       # steps between log lines; -1 = the preset's
     eval_interval: int = -1      # steps between validation cross-entropies (and at the end); -1 = the preset's
@@ -140,7 +141,7 @@ def code_dtype(vocab_size):
 
 
 @torch.no_grad()
-def build_code_cache(tok, images, folder, views, batch, rank, world, device):
+def build_code_cache(tok, images, folder, views, batch, rank, world, device, num_workers=0):
     """Encode every image of `images` (a dataset of ((V, 3, H, W) views, label)) into folder/codes.npy
     (n, V, N) and folder/labels.npy (n,). Each process encodes one contiguous block of the images into its own
     part files, which rank 0 then joins; meta.json, written last by the caller, marks the cache complete."""
@@ -153,13 +154,11 @@ def build_code_cache(tok, images, folder, views, batch, rank, world, device):
     part = lambda name, r: os.path.join(folder, f"{name}.part{r}.npy")
     codes = np.lib.format.open_memmap(part("codes", rank), "w+", code_dtype(tok.cfg.codebook_size), (hi - lo, views, N))
     labels = np.zeros(hi - lo, np.int64)
-    for s in tqdm(range(lo, hi, batch), desc=f"encoding {folder}", disable=rank != 0):
-        items = [images[i] for i in range(s, min(s + batch, hi))]
-        # V views of each image, encoded in one tokenizer call of b * V images
-        x = torch.stack([x for x, _ in items]).to(device)                         # (b, V, 3, H, W)
-        # (b*V, N) -> (b, V, N)
-        codes[s - lo:s - lo + len(items)] = tok.encode(x.flatten(0, 1)).view(len(items), views, N).cpu().numpy()
-        labels[s - lo:s - lo + len(items)] = [int(y) for _, y in items]
+    batches = data.in_order(images, lo, hi, batch, num_workers)  # (b, V, 3, H, W) views, (b,) labels
+    for s, (x, y) in zip(range(0, hi - lo, batch), tqdm(batches, desc=f"encoding {folder}", disable=rank != 0)):
+        # V views of each image, encoded in one tokenizer call of b * V images: (b*V, N) -> (b, V, N)
+        codes[s:s + len(x)] = tok.encode(x.to(device).flatten(0, 1)).view(len(x), views, N).cpu().numpy()
+        labels[s:s + len(x)] = y.numpy()
     codes.flush()
     del codes
     np.save(part("labels", rank), labels)
@@ -206,7 +205,8 @@ def code_cache(tok, cfg, split, views, rank, world, device):
         if meta is not None and rank == 0:
             print(f"the code cache {folder} was made by another tokenizer or image subset: encoding again")
         images = CodeImages(cfg, split, tok.cfg.image_size, views)
-        build_code_cache(tok, images, folder, views, cfg.encode_batch, rank, world, device)
+        build_code_cache(tok, images, folder, views, cfg.encode_batch, rank, world, device,
+                         data.workers(cfg.num_workers, device))
         if rank == 0:  # written last: marks the cache complete
             runtime.write_json(meta_path, dict(made_by, tokenizer=os.path.abspath(cfg.tokenizer), classes=images.classes))
         runtime.barrier()
@@ -238,6 +238,7 @@ def validate(cfg):
         (cfg.grad_clip > 0, "grad_clip", "a number above 0"), (cfg.cfg_scale >= 0, "cfg_scale", "0 or more"),
         *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("weight_decay", "num_classes", "per_class", "threads",
                                                             "max_bad_steps", "plan_world")],
+        (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "eval_interval", "ckpt_interval",
                                                             "encode_batch")]])  # --precision: runtime.autocast_for checks it
 

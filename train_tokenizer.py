@@ -393,7 +393,7 @@ def main(cfg: TrainConfig):
 
     # 2. the loop: a generator step (the tokenizer), then a discriminator step once the GAN has started
     batches = data.train_batches(train_set, micro, rank, world, cfg.seed, start=step * cfg.grad_accum,
-                                 num_workers=(6 if device.type == "cuda" else 0) if cfg.num_workers < 0 else cfg.num_workers)
+                                 num_workers=data.workers(cfg.num_workers, device))
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
