@@ -109,12 +109,14 @@ def main(cfg: BenchConfig):
     tok.eval()
     ids = encode()
     tok.train()
-    rows = [("tokenizer step (no teacher, LPIPS or GAN)", cfg.batch_size, "img", lambda: tokenizer_step(False)),
-            ("tokenizer step with the discriminator", cfg.batch_size, "img", lambda: tokenizer_step(True)),
-            ("encode", cfg.batch_size, "img", encode), ("decode", cfg.batch_size, "img", decode),
-            ("AR step", cfg.ar_batch_size * gcfg.block_size, "tok", ar_step),
-            ("sampling, KV cache", cfg.samples * gcfg.block_size, "tok", lambda: generate(True)),
-            ("sampling, no cache", cfg.samples * gcfg.block_size, "tok", lambda: generate(False))]
+    # name, units of work per call, unit, the call, timed repetitions (recomputing every prefix is slow, ~5 min for
+    # gpt-b on 2 CPU cores: timed once)
+    rows = [("tokenizer step (no teacher, LPIPS or GAN)", cfg.batch_size, "img", lambda: tokenizer_step(False), cfg.steps),
+            ("tokenizer step with the discriminator", cfg.batch_size, "img", lambda: tokenizer_step(True), cfg.steps),
+            ("encode", cfg.batch_size, "img", encode, cfg.steps), ("decode", cfg.batch_size, "img", decode, cfg.steps),
+            ("AR step", cfg.ar_batch_size * gcfg.block_size, "tok", ar_step, cfg.steps),
+            ("sampling, KV cache", cfg.samples * gcfg.block_size, "tok", lambda: generate(True), cfg.steps),
+            ("sampling, no cache (timed once)", cfg.samples * gcfg.block_size, "tok", lambda: generate(False), 1)]
     print(f"bench: tokenizer {cfg.size} ({runtime.count(tok) / 1e6:.2f}M), AR {cfg.gpt} ({runtime.count(gpt) / 1e6:.2f}M, "
           f"{gcfg.block_size} tokens of {gcfg.vocab_size}); device {device}, {precision}, {torch.get_num_threads()} "
           f"threads{', compiled' if cfg.compile else ''}; median of {cfg.steps}")
@@ -124,11 +126,11 @@ def main(cfg: BenchConfig):
     print("  tokenizer step with the discriminator, " + train_tokenizer.memory_plan(tcfg_train, 1, precision))
     print("  AR step, " + train_ar.memory_plan(train_ar.resolve(train_ar.ARConfig(gpt=cfg.gpt,
                                                                 batch_size=cfg.ar_batch_size)), gcfg, 1, precision))
-    for name, units, unit, fn in rows:
+    for name, units, unit, fn, steps in rows:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         count = flops(fn)                                 # the same work, counted once
-        seconds = timed(fn, cfg.steps, device)
+        seconds = timed(fn, steps, device)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux: KiB -> GiB (the process's peak)
         mfu = f", MFU {100 * count / seconds / (cfg.peak_tflops * 1e12):.1f}%" if cfg.peak_tflops else ""
