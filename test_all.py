@@ -610,7 +610,9 @@ def test_reconstruction_report_equals_direct_computation():
     assert out["codes_used"] == len(codes.unique()) and out["codebook_usage"] == len(codes.unique()) / 1024
     assert out["images"] == 6 and math.isfinite(out["rfid"])
     # two loading processes: the same images in the same order, so the same report
-    loaded = evaluate.reconstruction_report(tok, data, evaluate.EvalConfig(batch_size=4, num_workers=2), "cpu", 0, 1)
+    with tempfile.TemporaryDirectory() as d:
+        loaded = evaluate.reconstruction_report(tok, data, evaluate.EvalConfig(batch_size=4, num_workers=2), "cpu", 0, 1,
+                                                out_dir=d)
     assert all(loaded[k] == out[k] for k in ("psnr", "ssim", "codes_used", "images")), (loaded, out)
 
 
