@@ -512,14 +512,15 @@ class Tokenizer(nn.Module):
         spatial = self.decoder(self.post_quant_conv(self.quantizer.lookup(codes)))[0]  # (B, z, g, g)
         return self.cnn_decoder(spatial)
 
-    def forward(self, x, shortcut=False, entropy=False):
+    def forward(self, x, shortcut=False, entropy=False, semantic=True):
         """Training forward: the reconstruction (B, 3, H, W) and a dict of the raw pieces of the loss, which the
-        training loop weighs and sums (train_tokenizer.py). entropy=True computes the entropy term (Sec. 3.3).
+        training loop weighs and sums (train_tokenizer.py). entropy=True computes the entropy term (Sec. 3.3);
+        semantic=False skips the decoder's layer-l features and the semantic head (a run without a teacher).
         shortcut=True adds the official early auxiliary terms (spec 1.10): the CNN-only reconstruction
         CNN-dec(CNN-enc(x)) and the MSE between the CNN encoder output and the transformer decoder output."""
         s = self.cnn_encoder(x)                                                          # (B, z, g, g)
         z_q, codes, losses = self.quantizer(self.quant_conv(self.encoder(s)), entropy)  # (B, N, d), (B, N)
-        spatial, feat, sem = self.decoder(self.post_quant_conv(z_q), features=True)     # (B, z, g, g)
+        spatial, feat, sem = self.decoder(self.post_quant_conv(z_q), features=semantic)  # (B, z, g, g)
         recon = self.cnn_decoder(spatial)
         zero = x.new_zeros(())
         aux = dict(codes=codes,

@@ -274,12 +274,15 @@ def memory_plan(cfg, world, precision, with_teacher=True, with_lpips=True):
                                                              LPIPS() if use_lpips else None))
     autocast = runtime.autocast_for(precision, torch.device("cpu"))[1]  # CPU autocast stands in for CUDA's
 
+    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
+    # a stand-in for the frozen teacher's features (B, g*g, teacher dim), so that the semantic head and loss count
+    features = (lambda x: x.new_zeros(len(x), tcfg.grid ** 2, tcfg.teacher_dim)) if teacher else None
+
     def step():
         with autocast:
             x = torch.randn(micro, 3, tcfg.image_size, tcfg.image_size)
-            t, _ = loss_terms(tok, x, None, lpips, disc, gan, cfg.aux_loss_end > 0, cfg.entropy_weight > 0)
+            t, _ = loss_terms(tok, x, features, lpips, disc, gan, cfg.aux_loss_end > 0, cfg.entropy_weight > 0)
             return sum(t.values())
-    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
     others = [("discriminator", runtime.count(disc), gan), ("LPIPS (frozen)", runtime.count(lpips), False),
               (f"teacher {cfg.teacher} (frozen)", teacher, False)]
     plan = runtime.memory_plan(mode, tok, step, world, cfg.fsdp, cfg.checkpointing, precision, micro,
@@ -294,7 +297,7 @@ def loss_terms(tok, x, teacher, lpips, disc, gan, early, entropy):
     """The unweighted terms of the generator loss for images x (B, 3, H, W), and the reconstructions they judge:
     x_hat and, early on (step < aux_loss_end), also the CNN-only shortcut x_hat_dir."""
     t_feat = teacher(x) if teacher is not None else None                      # (B, g*g, teacher dim)
-    recon, aux = tok(x, shortcut=early, entropy=entropy)
+    recon, aux = tok(x, shortcut=early, entropy=entropy, semantic=teacher is not None)  # no teacher: no head
     recons = [recon] + ([aux["shortcut"]] if early else [])  # every reconstruction term sums over these
     disc.requires_grad_(False)                                                # D is a fixed critic in the G step
     zero = x.new_zeros(())
