@@ -27,7 +27,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -412,6 +412,56 @@ class BadSteps:
                              f"{self.ckpt_path}, and rerunning the command continues from it")
 
 
+class EMA:
+    """An exponential moving average of a module's weights (official --ema; DiT's update_ema): after each optimizer
+    step, avg <- decay * avg + (1 - decay) * weights. The average starts from the weights after the first step
+    (or a resumed run's saved average) and is a copy of each parameter (its shard under FSDP). To be evaluated or
+    saved it is swapped into the module: `with ema.applied(): ...`. In a checkpoint it is the module's full state
+    dict with the averaged weights, under "ema", which model.load_tokenizer prefers, as the official scripts do."""
+    def __init__(self, module, decay):
+        self.module, self.decay, self.avg = module, decay, None  # avg: None until the first update
+
+    def weights(self):  # the module's parameters as plain tensors: under FSDP this process's shards, in place
+        return [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in self.module.parameters()]
+
+    @torch.no_grad()
+    def update(self):
+        live = self.weights()
+        if self.avg is None:
+            self.avg = [p.clone() for p in live]
+        else:
+            torch._foreach_lerp_(self.avg, live, 1 - self.decay)  # avg += (1 - decay) * (weights - avg)
+
+    @contextmanager
+    def applied(self):
+        """The module holds the average inside the block and its own weights again after it (what the block
+        loads into the module becomes the average)."""
+        if self.avg is None:  # no step yet: the average is the weights
+            yield
+            return
+        params = self.weights()
+        live = [p.clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.avg)
+            try:
+                yield
+            finally:
+                torch._foreach_copy_(self.avg, params)
+                torch._foreach_copy_(params, live)
+
+    def state_dict(self):
+        with self.applied():
+            sd = state_dict(self.module)  # gathered onto rank 0's CPU under FSDP: copies
+            # unsharded, the state dict's tensors are the module's own, which the weights are about to refill
+            return sd if is_sharded(self.module) else {k: v.clone() for k, v in sd.items()}
+
+    def load_state_dict(self, sd):
+        if self.avg is None:  # a copy to load into
+            self.avg = [p.clone() for p in self.weights()]
+        with self.applied():
+            load_state_dict(self.module, sd)
+
+
 def count(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
@@ -458,6 +508,8 @@ def save(path, parts, **extra):
 def state_dict(part):
     """The full state dict of a module, or of the optimizer of a (module, optimizer) pair. Sharded: gathered onto
     rank 0's CPU (the other processes get {}); every process must call it."""
+    if isinstance(part, EMA):
+        return part.state_dict()
     module, opt = part if isinstance(part, tuple) else (part, None)
     if not is_sharded(module):
         return (opt or module).state_dict()
@@ -480,6 +532,8 @@ def state_dict(part):
 def load_state_dict(part, sd):
     """The inverse of state_dict: sd (a full state dict, held by every process) into a module or a (module,
     optimizer) pair's optimizer; sharded, each process keeps its own shard of every tensor."""
+    if isinstance(part, EMA):
+        return part.load_state_dict(sd)
     module, opt = part if isinstance(part, tuple) else (part, None)
     if not is_sharded(module):
         return (opt or module).load_state_dict(sd)

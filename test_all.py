@@ -1430,6 +1430,46 @@ def _toy_command(out_dir, *extra):
             "--teacher", "none", "--lpips", "false", "--threads", "1", "--per-class", "2", *extra]
 
 
+def test_weight_average_is_the_moving_average_and_the_weights_come_back_exactly():
+    net = torch.nn.Linear(3, 2)
+    ema, opt = runtime.EMA(net, 0.9), torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = []
+    for _ in range(4):
+        net(torch.randn(5, 3)).square().sum().backward()
+        opt.step(), opt.zero_grad()
+        ema.update()
+        seen.append([p.detach().clone() for p in net.parameters()])
+    expect = seen[0]  # the first step's weights, then avg <- 0.9 avg + 0.1 weights
+    for w in seen[1:]:
+        expect = [0.9 * a + 0.1 * b for a, b in zip(expect, w)]
+    with ema.applied():
+        assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(net.parameters(), expect))
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), seen[-1]))  # the live weights, bit for bit
+    sd = ema.state_dict()
+    assert torch.allclose(sd["weight"], expect[0], atol=1e-6) and not torch.equal(sd["weight"], net.weight)
+    other = runtime.EMA(net, 0.9)
+    other.load_state_dict(sd)  # a resumed run's average
+    with other.applied():
+        assert torch.equal(net.weight, sd["weight"]) and torch.equal(net.bias, sd["bias"])
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), seen[-1]))
+
+
+def test_toy_checkpoint_holds_the_average_which_the_loader_and_the_held_out_psnr_use():
+    with tempfile.TemporaryDirectory() as d:
+        ck = _tok_in_process(d, max_steps=6, lr=1e-3, eval_images=8)
+        assert _max_diff(ck["model"], ck["ema"]) > 1e-4  # the average trails the weights
+        tok = model.load_tokenizer(os.path.join(d, "ckpt.pt"))
+        assert _max_diff(tok.state_dict(), ck["ema"]) == 0  # what train_ar.py, sample.py and evaluate.py use
+        import json
+        logged = json.loads(open(os.path.join(d, "log.jsonl")).readlines()[-1])["val_psnr"]
+        val = data.make_dataset("synthetic", "val", 64)
+        psnr = train_tokenizer.evaluate_held_out(tok, val, 8, 32, 0, 1, torch.device("cpu"))[0]
+        tok.load_state_dict(ck["model"])
+        live = train_tokenizer.evaluate_held_out(tok, val, 8, 32, 0, 1, torch.device("cpu"))[0]
+        # to the rounding of another thread count; the weights themselves are farther off
+        assert abs(psnr - logged) < 1e-4 < abs(live - logged), (psnr, live, logged)
+
+
 def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
     import signal
     with tempfile.TemporaryDirectory() as d:
@@ -1443,8 +1483,9 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
         subprocess.run(_toy_command(killed), cwd=REPO, check=True, capture_output=True)
         a, b = (model.read_checkpoint(os.path.join(d, run, "ckpt.pt")) for run in ("straight", "killed"))
         assert a["step"] == b["step"] == 12
-        diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
-        assert diff == 0, diff
+        for key in ("model", "ema"):  # the weights and their moving average
+            diff = max((a[key][k].float() - b[key][k].float()).abs().max().item() for k in a[key])
+            assert diff == 0, (key, diff)
         assert os.listdir(killed) and not [f for f in os.listdir(killed) if ".tmp" in f]  # no half-written files left
 
 
@@ -1588,7 +1629,7 @@ def test_fsdp_two_processes_equal_one():
         # 65 held-out images: 33 = 32 + 1 on one process, 32 on the other, one batch more to run (a stand-in)
         # on the 2D toy, for the reason test_two_gloo_processes_equal_one_at_twice_the_batch... gives (the 1D toy:
         # 7.6e-5 apart after 3 steps on this AMD EPYC)
-        run = dict(eval_images=65, size="toy-2d")
+        run = dict(eval_images=65, size="toy-2d", ema=0.99)  # and the weight average of the toy's preset
         one = _tok_in_process(os.path.join(d, "one"), **run)
         _torchrun("train_tokenizer", **dict(TOK_RUN, **run), fsdp="true", out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))
@@ -1597,6 +1638,7 @@ def test_fsdp_two_processes_equal_one():
         # (4.9e-6 on one CPU, 1.9e-5 on an AVX2-only AMD EPYC), against the ~3e-4 that 3 Adam steps at lr 1e-4 move
         assert diff <= 5e-5, diff
         assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6      # one format: torch.optim's, by index
+        assert _max_diff(one["ema"], fsdp["ema"]) <= 5e-5                  # the average of the shards, gathered
         assert set(fsdp) == set(one) and fsdp["step"] == 3
         import json
         psnr = [json.loads(open(os.path.join(d, run, "log.jsonl")).readlines()[-1])["val_psnr"] for run in ("one", "fsdp")]
@@ -1649,7 +1691,7 @@ def test_fsdp_resume_is_exact_with_or_without_checkpointing_and_resumes_in_one_p
         shutil.copytree(os.path.join(d, "resumed"), os.path.join(d, "alone"))  # the 2-step sharded checkpoint
         run("resumed", 4)                                                      # continues at step 3
         straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
-        for key in ("model", "optimizer"):  # resumed = uninterrupted, checkpointing = not, exactly
+        for key in ("model", "optimizer", "ema"):  # resumed = uninterrupted, checkpointing = not, exactly
             assert _max_diff(straight[key], resumed[key]) == 0, key
         alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)         # a sharded checkpoint, one process
         diff = _max_diff(straight["model"], alone["model"])

@@ -12,6 +12,7 @@ shares with the others lives in runtime.py (command line, processes, checkpoints
 import dataclasses
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +45,9 @@ class TrainConfig:
     beta1: float = 0.9           # AdamW betas (official 0.9, 0.95)
     beta2: float = 0.95
     grad_clip: float = 10.0      # max gradient norm, tokenizer and discriminator alike
+    ema: float = -1.0            # decay of a moving average of the tokenizer's weights, which the pictures, the
+                                 # held-out PSNR and the checkpoint's "ema" (what the other scripts load) use;
+                                 # 0 = off; -1 = the preset's (paper 0: the official --ema, 0.9999, is in no script)
     commit_weight: float = 0.25  # beta, the weight of the VQ commitment loss (official 0.25)
     entropy_weight: float = -1.0  # entropy loss weight; -1 = the preset's (0.005 for XL-XXL, Sec. 3.3)
     aux_loss_end: int = -1       # the shortcut reconstruction + feature loss run until this step; -1 = preset's
@@ -94,13 +98,14 @@ TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
     "s-b-2d": dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=200),
     "b-l-2d": dict(batch_size=256, warmup=0, entropy_weight=0.005, aux_loss_end=15000, disc_start=20000, epochs=200),
     # ours: the 1D toy, as many steps as ~9 minutes on 2 CPU cores allow; a stronger entropy loss than the paper's,
-    # to use the whole small codebook (0.005: 36% held-out usage, 0.015: 71% at 64 tokens, the same PSNR). README
-    # "The 1D toy"
-    "toy":    dict(_TOY, entropy_weight=0.015, max_steps=900),
+    # to use the whole small codebook (0.005: 36% held-out usage, 0.015: 71% at 64 tokens, the same PSNR); a cosine
+    # that ends higher, at 3e-4, with a moving average of the weights (0.98, half-life ~34 steps) to evaluate: the
+    # average smooths the noise of the larger late steps (README "The 1D toy")
+    "toy":    dict(_TOY, entropy_weight=0.015, max_steps=900, end_lr=3e-4, ema=0.98),
     # the 2D toy, as the default toy was before the 1D one (22.5 dB in 5:45 on 2 cores)
     "toy-2d": dict(_TOY, entropy_weight=0.005, max_steps=450),
 }
-PAPER_DEFAULTS = dict(lr=1e-4, end_lr=1e-5, log_interval=100, image_interval=2000, ckpt_interval=5000,
+PAPER_DEFAULTS = dict(lr=1e-4, end_lr=1e-5, ema=0.0, log_interval=100, image_interval=2000, ckpt_interval=5000,
                       teacher="dinov2_vitb14", missing_helpers="stop")
 IMAGENET_TRAIN_IMAGES = 1_280_000  # 5000 * 256, the official scripts' epoch
 
@@ -123,6 +128,7 @@ def validate(cfg):
         (cfg.max_steps >= 0, "max_steps", "0 or more"), (cfg.batch_size >= 1, "batch_size", "1 or more"),
         (cfg.lr > 0, "lr", positive), (cfg.end_lr >= 0, "end_lr", "0 or more"), (cfg.warmup >= 0, "warmup", "0 or more"),
         (0 <= cfg.beta1 < 1, "beta1", "in [0, 1)"), (0 <= cfg.beta2 < 1, "beta2", "in [0, 1)"),
+        (0 <= cfg.ema < 1, "ema", "in [0, 1)"),
         (cfg.grad_clip > 0, "grad_clip", positive), (cfg.weight_decay >= 0, "weight_decay", "0 or more"),
         *[(getattr(cfg, k) >= 0, k, "0 or more") for k in ("commit_weight", "entropy_weight", "disc_weight",
                                                             "perceptual_weight", "semantic_weight", "num_classes",
@@ -256,7 +262,7 @@ def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, de
         f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}\n"
         f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'}; "
         f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
-        f"{cfg.warmup}, cosine to {cfg.end_lr:g}), disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
+        f"{cfg.warmup}, cosine to {cfg.end_lr:g}), weight average {cfg.ema or 'off'}, disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
         + (f"; resuming from step {step}" if step else ""))
 
 # parameter counts of the DINOv2 teachers (ViT-S/B/L/g with patch 14), for the memory plan, which loads none
@@ -283,8 +289,10 @@ def memory_plan(cfg, world, precision, with_teacher=True, with_lpips=True):
             x = torch.randn(micro, 3, tcfg.image_size, tcfg.image_size)
             t, _ = loss_terms(tok, x, features, lpips, disc, gan, cfg.aux_loss_end > 0, cfg.entropy_weight > 0)
             return sum(t.values())
+    shards = world if cfg.fsdp else 1  # the average is kept as each process's shard of the weights
     others = [("discriminator", runtime.count(disc), gan), ("LPIPS (frozen)", runtime.count(lpips), False),
-              (f"teacher {cfg.teacher} (frozen)", teacher, False)]
+              (f"teacher {cfg.teacher} (frozen)", teacher, False),
+              ("weight average (EMA, fp32)", runtime.count(tok) / shards if cfg.ema else 0, False)]
     plan = runtime.memory_plan(mode, tok, step, world, cfg.fsdp, cfg.checkpointing, precision, micro,
                                [o for o in others if o[1]])
     return runtime.describe_plan(plan, world, cfg.fsdp, precision)
@@ -383,8 +391,10 @@ def main(cfg: TrainConfig):
     # find_unused: the semantic head idles without a teacher, the shortcut after aux_loss_end
     train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # tok: no wrapper prefixes
     (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))  # after FSDP
+    ema = runtime.EMA(tok, cfg.ema) if cfg.ema else None
+    averaged = ema.applied if ema else nullcontext  # the weights to show, to measure and to hand on
     parts = dict(model=tok, discriminator=disc, optimizer=(tok, opt), optimizer_disc=(disc, opt_d), scaler=scaler,
-                 scaler_disc=scaler_d)  # what a checkpoint holds
+                 scaler_disc=scaler_d, **(dict(ema=ema) if ema else {}))  # what a checkpoint holds
     if resuming:  # the same architecture only
         step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master)
     config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)  # plain dicts
@@ -426,6 +436,8 @@ def main(cfg: TrainConfig):
                 scaler_d.scale(d_loss / cfg.grad_accum).backward()
         grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
         bad(grad_norm, step)  # a non-finite loss skipped this update
+        if ema:
+            ema.update()
         if g > 0:  # the discriminator is not wrapped in DDP or FSDP: its gradients are averaged here
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
@@ -437,16 +449,18 @@ def main(cfg: TrainConfig):
                 usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=seen / dt, skipped=bad.total)
             seen = 0  # images since the last log line
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
-            save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"), master)
-            if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
-                # through the codes
-                log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
+            with averaged():
+                save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"), master)
+                if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
+                    # through the codes
+                    log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
     if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
         save()
-    val_psnr, usage = evaluate_held_out(tok, val_set, cfg.eval_images, 32, rank, world, device)
+    with averaged():
+        val_psnr, usage = evaluate_held_out(tok, val_set, cfg.eval_images, 32, rank, world, device)
     log(step, val_psnr=val_psnr, val_usage=usage)
     log.say(f"held-out PSNR {val_psnr:.2f} dB, codebook usage {100 * usage:.1f}% over "
             f"{min(cfg.eval_images, len(val_set))} images; checkpoint {ckpt_path}")
