@@ -1629,7 +1629,7 @@ def test_fsdp_two_processes_equal_one():
         # 65 held-out images: 33 = 32 + 1 on one process, 32 on the other, one batch more to run (a stand-in)
         # on the 2D toy, for the reason test_two_gloo_processes_equal_one_at_twice_the_batch... gives (the 1D toy:
         # 7.6e-5 apart after 3 steps on this AMD EPYC)
-        run = dict(eval_images=65, size="toy-2d", ema=0.99)  # and the weight average of the toy's preset
+        run = dict(eval_images=65, size="toy-2d", ema=0.99)  # with a weight average (toy-2d has none of its own)
         one = _tok_in_process(os.path.join(d, "one"), **run)
         _torchrun("train_tokenizer", **dict(TOK_RUN, **run), fsdp="true", out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))

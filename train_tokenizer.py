@@ -262,7 +262,8 @@ def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, de
         f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}\n"
         f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'}; "
         f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
-        f"{cfg.warmup}, cosine to {cfg.end_lr:g}), weight average {cfg.ema or 'off'}, disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
+        f"{cfg.warmup}, cosine to {cfg.end_lr:g}), weight average {cfg.ema or 'off'}, disc_start {cfg.disc_start}, "
+        f"aux_loss_end {cfg.aux_loss_end}"
         + (f"; resuming from step {step}" if step else ""))
 
 # parameter counts of the DINOv2 teachers (ViT-S/B/L/g with patch 14), for the memory plan, which loads none
