@@ -241,6 +241,7 @@ def validate(cfg):
         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "eval_interval", "ckpt_interval",
                                                             "encode_batch")]])  # --precision: runtime.autocast_for checks it
+    return cfg
 
 
 def get_lr(step, cfg):
@@ -333,8 +334,7 @@ def plan_only(cfg):
 # Training
 
 def main(cfg: ARConfig):
-    cfg = resolve(cfg)
-    validate(cfg)
+    cfg = validate(resolve(cfg))  # every flag checked before anything is loaded
     if cfg.plan:  # the memory plan alone: no processes, no models
         return plan_only(cfg)
     rank, world, device = runtime.setup(cfg)
@@ -393,7 +393,6 @@ def main(cfg: ARConfig):
                 logits = train(x, y)                                               # (B, N, vocab), fp32
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
             scaler.scale(loss / cfg.grad_accum).backward()  # gradients accumulate over the micro-steps
-        # clip at 1.0 (official)
         grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)  # clip at 1 (official)
         bad(grad_norm, step)  # a non-finite loss skipped this update
         step += 1

@@ -226,10 +226,18 @@ def build_models(cfg, device, rank, world):
     return tok, disc, teacher, lpips
 
 
-def make_optimizer(net, cfg, device, precision):
-    """AdamW on every parameter (official DDP trainer), and the GradScaler that fp16 needs (a no-op otherwise)."""
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    return opt, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+def optimizers(tok, disc, cfg, device, precision):
+    """-> AdamW on every parameter (official DDP trainer) of the tokenizer and of the discriminator, each with the
+    GradScaler that fp16 needs (a no-op otherwise); the moving average of the tokenizer's weights (None when off);
+    and what a checkpoint holds. Made after FSDP, which replaces the parameters by their shards."""
+    def adamw(net):
+        return (torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay), torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+    (opt, scaler), (opt_d, scaler_d) = adamw(tok), adamw(disc)
+    ema = runtime.EMA(tok, cfg.ema) if cfg.ema else None
+    parts = dict(model=tok, discriminator=disc, optimizer=(tok, opt), optimizer_disc=(disc, opt_d), scaler=scaler,
+                 scaler_disc=scaler_d, **(dict(ema=ema) if ema else {}))
+    return opt, scaler, opt_d, scaler_d, ema, parts
 
 
 def init_tokenizer(tok, path, master=True):
@@ -356,6 +364,23 @@ def evaluate_held_out(tok, val_set, n, batch, rank, world, device):
     return (total[0] / total[1]).item(), used.mean().item()
 
 
+def show(tok, shown, val_set, step, cfg, log, rank, world, device):
+    """Every image_interval steps: held-out originals over their reconstructions (recon-<step>.png), and, before the
+    last step, the PSNR over 100 held-out images (the final one, over eval_images, follows the loop)."""
+    save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"), rank == 0)
+    if step < cfg.max_steps:
+        log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
+
+
+def final_report(tok, val_set, step, cfg, log, ckpt_path, rank, world, device):
+    """The run's last line: the PSNR and codebook usage over eval_images held-out images, logged and said."""
+    val_psnr, usage = evaluate_held_out(tok, val_set, cfg.eval_images, 32, rank, world, device)
+    log(step, val_psnr=val_psnr, val_usage=usage)
+    log.say(f"held-out PSNR {val_psnr:.2f} dB, codebook usage {100 * usage:.1f}% over "
+            f"{min(cfg.eval_images, len(val_set))} images; checkpoint {ckpt_path}")
+    return val_psnr, usage
+
+
 @torch.no_grad()
 def save_grid(tok, x, path, master=True):
     """PNG: held-out originals (top row) over their reconstructions (bottom row). Every process reconstructs (a
@@ -385,19 +410,14 @@ def main(cfg: TrainConfig):
     # 1. data, models, optimizers, and the checkpoint to continue from
     train_set, val_set, shown = datasets(cfg, device)
     tok, disc, teacher, lpips = build_models(cfg, device, rank, world)
-    ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0  # step 0 unless a checkpoint is resumed
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resuming = os.path.exists(ckpt_path) and not cfg.fresh
     if cfg.init_from and not resuming:
         init_tokenizer(tok, cfg.init_from, master)
-    # find_unused: the semantic head idles without a teacher, the shortcut after aux_loss_end
-    train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # tok: no wrapper prefixes
-    (opt, scaler), (opt_d, scaler_d) = (make_optimizer(m, cfg, device, precision) for m in (tok, disc))  # after FSDP
-    ema = runtime.EMA(tok, cfg.ema) if cfg.ema else None
+    train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # idle: semantic head, shortcut
+    opt, scaler, opt_d, scaler_d, ema, parts = optimizers(tok, disc, cfg, device, precision)  # after FSDP
     averaged = ema.applied if ema else nullcontext  # the weights to show, to measure and to hand on
-    parts = dict(model=tok, discriminator=disc, optimizer=(tok, opt), optimizer_disc=(disc, opt_d), scaler=scaler,
-                 scaler_disc=scaler_d, **(dict(ema=ema) if ema else {}))  # what a checkpoint holds
-    if resuming:  # the same architecture only
-        step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master)
+    step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master) if resuming else 0
     config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)  # plain dicts
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
@@ -411,7 +431,7 @@ def main(cfg: TrainConfig):
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
-    t0, seen = time.time(), 0
+    t0, start = time.time(), step
     while step < cfg.max_steps:
         lr = runtime.get_lr(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.end_lr)  # warmup, then cosine to end_lr
         for group in opt.param_groups + opt_d.param_groups:  # one schedule for both networks
@@ -442,29 +462,21 @@ def main(cfg: TrainConfig):
         if g > 0:  # the discriminator is not wrapped in DDP or FSDP: its gradients are averaged here
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
-        seen += cfg.batch_size
         bar.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            dt, t0 = time.time() - t0, time.time()
+            img_per_s, t0, start = (step - start) * cfg.batch_size / (time.time() - t0), time.time(), step
             log(step, loss=loss.item(), **{k: v.item() for k, v in t.items()}, d_loss=d_loss.item() if g > 0 else 0.0,
-                usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=seen / dt, skipped=bad.total)
-            seen = 0  # images since the last log line
+                usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=img_per_s, skipped=bad.total)
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
-            with averaged():
-                save_grid(tok, shown, os.path.join(cfg.out_dir, f"recon-{step:07d}.png"), master)
-                if step < cfg.max_steps:  # a quick look at 100 held-out images (all of them at the end)
-                    # through the codes
-                    log(step, val_psnr_100=evaluate_held_out(tok, val_set, 100, 32, rank, world, device)[0])
+            with averaged():  # the weights the run hands on
+                show(tok, shown, val_set, step, cfg, log, rank, world, device)
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
     if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
         save()
     with averaged():
-        val_psnr, usage = evaluate_held_out(tok, val_set, cfg.eval_images, 32, rank, world, device)
-    log(step, val_psnr=val_psnr, val_usage=usage)
-    log.say(f"held-out PSNR {val_psnr:.2f} dB, codebook usage {100 * usage:.1f}% over "
-            f"{min(cfg.eval_images, len(val_set))} images; checkpoint {ckpt_path}")
+        val_psnr, usage = final_report(tok, val_set, step, cfg, log, ckpt_path, rank, world, device)
     runtime.cleanup_distributed()
     return dict(step=step, val_psnr=val_psnr, usage=usage, tokenizer=tok, discriminator=disc, teacher=teacher)
 
