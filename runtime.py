@@ -377,6 +377,14 @@ def grad_sync(net, sync):
     return nullcontext()
 
 
+def adamw(params, cfg, device, precision):
+    """-> AdamW with the run's lr, betas and weight decay (params: tensors, or groups that set their own decay), fused
+    into one kernel for all tensors on CUDA (as nanoGPT), and the GradScaler that fp16 needs (a no-op otherwise)."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    return opt, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def optimizer_step(optimizer, scaler, params, clip, average=False):
     """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the norm.
     A non-finite norm (a NaN or inf loss or gradient) skips the update: the caller counts it (BadSteps).

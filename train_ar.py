@@ -250,12 +250,13 @@ def get_lr(step, cfg):
     return runtime.get_lr(step, cfg.lr, cfg.warmup, total, schedule=cfg.schedule, decay_frac=cfg.decay_frac)
 
 
-def make_optimizer(gpt, cfg, device):
-    """AdamW with weight decay on the parameters of dim >= 2 (matrices, embeddings, position table) only."""
+def make_optimizer(gpt, cfg, device, precision):
+    """AdamW with weight decay on the parameters of dim >= 2 (matrices, embeddings, position table) only, and its
+    GradScaler (runtime.adamw)."""
     params = [p for p in gpt.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),  # matrices, embeddings
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]  # norms' weights: no decay
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return runtime.adamw(groups, cfg, device, precision)
 
 
 def code_batch(codes, labels, start, size, seed):
@@ -359,8 +360,7 @@ def main(cfg: ARConfig):
     torch.manual_seed(cfg.seed)  # the GPT's init: a function of the seed
     gpt = runtime.build(lambda: GPT(gcfg), cfg, world, rank, device)  # under FSDP: in memory on rank 0 only
     train = runtime.wrap(gpt, cfg, world, device, precision)  # gpt: no wrapper prefixes
-    optimizer = make_optimizer(gpt, cfg, device)  # after FSDP, which replaces the parameters by their shards
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    optimizer, scaler = make_optimizer(gpt, cfg, device, precision)  # after FSDP, which replaces the parameters
     parts = dict(model=gpt, optimizer=(gpt, optimizer), scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path) and not cfg.fresh:

@@ -227,13 +227,10 @@ def build_models(cfg, device, rank, world):
 
 
 def optimizers(tok, disc, cfg, device, precision):
-    """-> AdamW on every parameter (official DDP trainer) of the tokenizer and of the discriminator, each with the
-    GradScaler that fp16 needs (a no-op otherwise); the moving average of the tokenizer's weights (None when off);
-    and what a checkpoint holds. Made after FSDP, which replaces the parameters by their shards."""
-    def adamw(net):
-        return (torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay), torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
-    (opt, scaler), (opt_d, scaler_d) = adamw(tok), adamw(disc)
+    """-> AdamW on every parameter (official DDP trainer) of the tokenizer and of the discriminator, each with its
+    GradScaler (runtime.adamw); the moving average of the tokenizer's weights (None when off); and what a
+    checkpoint holds. Made after FSDP, which replaces the parameters by their shards."""
+    (opt, scaler), (opt_d, scaler_d) = (runtime.adamw(m.parameters(), cfg, device, precision) for m in (tok, disc))
     ema = runtime.EMA(tok, cfg.ema) if cfg.ema else None
     parts = dict(model=tok, discriminator=disc, optimizer=(tok, opt), optimizer_disc=(disc, opt_d), scaler=scaler,
                  scaler_disc=scaler_d, **(dict(ema=ema) if ema else {}))
