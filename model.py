@@ -1,7 +1,8 @@
 """
 GigaTok in one file: the tokenizer (CNN encoder -> Q-Former -> VQ -> Q-Former -> CNN decoder) and the
-LlamaGen-style AR model trained on its tokens; then our additions: the toy's initialization, the LPIPS network
-and PatchGAN discriminator of the training loss, and the loaders of our and the official checkpoints.
+LlamaGen-style AR model trained on its tokens; then our additions: fp32 attention under a CPU autocast, the toy's
+initialization, the LPIPS network and PatchGAN discriminator of the training loss, and the loaders of our and the
+official checkpoints.
 
 Paper: "GigaTok: Scaling Visual Tokenizers to 3 Billion Parameters for Autoregressive Image Generation"
 (arXiv 2504.08736). The math follows the official code, so that its released checkpoints load into these
@@ -249,7 +250,8 @@ class CNNDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))        # (B, 3, H, W)
 
 # -----------------------------------------------------------------------------------------------------------
-# Transformer layers (torch's nn.MultiheadAttention, as the official code, so the weights map one to one)
+# Transformer layers (torch's nn.MultiheadAttention, as the official code, so the weights map one to one; each
+# attention goes through fp32_on_cpu, ours, below: fp32 attention under a CPU autocast, for speed)
 
 
 class QFormerLayer(nn.Module):
@@ -264,9 +266,10 @@ class QFormerLayer(nn.Module):
 
     def forward(self, q, memory, q_pos, mem_pos):   # q (B, Lq, C), memory (B, Lm, C), q_pos (Lq, C), mem_pos (Lm, C)
         t = self.norm1(q)
-        q = q + self.self_attn(t + q_pos, t + q_pos, t, need_weights=False)[0]            # (query, key, value)
+        q = q + fp32_on_cpu(self.self_attn, t + q_pos, t + q_pos, t, need_weights=False)[0]  # (query, key, value)
         t = self.norm2(q)
-        q = q + self.cross_attn(t + q_pos, memory + mem_pos, memory, need_weights=False)[0]  # the memory is not normed
+        # the memory is not normed
+        q = q + fp32_on_cpu(self.cross_attn, t + q_pos, memory + mem_pos, memory, need_weights=False)[0]
         return q + self.mlp(self.norm3(q))                                                # (B, Lq, C)
 
 
@@ -280,7 +283,7 @@ class ViTLayer(nn.Module):
 
     def forward(self, x):
         t = self.norm1(x)
-        x = x + self.self_attn(t, t, t, need_weights=False)[0]
+        x = x + fp32_on_cpu(self.self_attn, t, t, t, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 # -----------------------------------------------------------------------------------------------------------
@@ -589,7 +592,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         # (B, T, 3, H, hd) -> (3, B, H, T, hd): one projection, split into queries, keys and values
         if start is None:                    # the whole sequence at once
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = fp32_on_cpu(F.scaled_dot_product_attention, q, k, v, is_causal=True)
         else:                                # incremental: positions start .. start+T-1 against the cache
             kc, vc = self.cache                                                # (Bmax, H, Lmax, hd) each
             kc[:B, :, start:start + T], vc[:B, :, start:start + T] = k, v
@@ -597,7 +600,7 @@ class Attention(nn.Module):
             # new position i sees cache positions <= start+i; one new position (a decoding step) sees them all, and
             # SDPA without a mask is about 1.25x faster there (gpt-b, 256 cached positions, one CPU core)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start) if T > 1 else None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = fp32_on_cpu(F.scaled_dot_product_attention, q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)                                             # (B, H, T, hd) -> (B, T, C)
         return self.resid_dropout(self.wo(y))
 
@@ -700,9 +703,24 @@ class GPT(nn.Module):
         return self.output(self.norm(x)).float()
 
 # ===========================================================================================================
-# Our additions: what is not the paper's architecture. The toy's initialization (ours), the two networks of
-# the training loss (LPIPS, Zhang et al. 2018, and the pix2pix PatchGAN, both as the official trainer uses
-# them), and the loaders of our and the official checkpoints.
+# Our additions: what is not the paper's architecture. Attention in fp32 under a CPU autocast, the toy's
+# initialization (ours), the two networks of the training loss (LPIPS, Zhang et al. 2018, and the pix2pix
+# PatchGAN, both as the official trainer uses them), and the loaders of our and the official checkpoints.
+
+# -----------------------------------------------------------------------------------------------------------
+# Attention under a CPU autocast (ours: speed only; the numbers of an fp32 run are untouched)
+
+
+def fp32_on_cpu(attention, *args, **kw):
+    """attention(*args, **kw), in fp32 under a CPU autocast (--precision bf16 on a CPU): torch's CPU attention kernels
+    run slower in bf16 than in fp32 (torch 2.13, one AVX-512 BF16 core: the toy tokenizer's step 0.57 -> 0.51 s,
+    gpt-b's decoding attention over 256 cached positions 3.3 -> 0.9 ms a layer). Off the CPU, or without autocast,
+    attention(*args, **kw) as it is."""
+    if args[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return attention(*args, **kw)
+    with torch.autocast("cpu", enabled=False):
+        return attention(*(a.float() for a in args), **kw)
+
 
 # -----------------------------------------------------------------------------------------------------------
 # The toy's initialization (ours)

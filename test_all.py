@@ -1300,6 +1300,37 @@ def test_bad_flags_are_one_line_errors_with_exit_status_2():
     assert p.returncode == 2 and p.stderr.strip() == "error: --batch-size 0: 1 or more", p.stderr
 
 
+def test_bf16_on_a_cpu_needs_native_bf16_and_runs_attention_in_fp32():
+    # a CPU without native bf16 (AVX-512 BF16 or AMX): --precision bf16 is a one-line error naming fp32; a memory
+    # plan, which only borrows the CPU's autocast for fake tensors, still works
+    native = runtime.native_bf16
+    runtime.native_bf16 = lambda: False
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            code, err = _user_error(train_tokenizer.main, train_tokenizer.TrainConfig(),
+                                    ["--precision", "bf16", "--device", "cpu", "--out-dir", d])
+        assert code == 2 and "no native bf16" in err and "--precision fp32" in err and "Traceback" not in err, err
+        assert runtime.autocast_for("bf16", torch.device("cpu"), planning=True)[0] == "bf16"
+    finally:
+        runtime.native_bf16 = native
+    assert runtime.autocast_for("fp32", torch.device("cpu"))[0] == "fp32"  # fp32 runs on every CPU
+    # model.fp32_on_cpu: under a CPU autocast the attention is the fp32 one of the bf16 inputs; without, untouched
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8).bfloat16() for n in (5, 7, 7))
+    plain = F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = model.fp32_on_cpu(F.scaled_dot_product_attention, q, k, v)
+        mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        x = torch.randn(2, 5, 16)
+        out = model.fp32_on_cpu(mha, x.bfloat16(), x.bfloat16(), x.bfloat16(), need_weights=False)[0]
+    assert inside.dtype == torch.float32 and torch.equal(inside, F.scaled_dot_product_attention(q.float(), k.float(),
+                                                                                                v.float()))
+    # three separate fp32 copies, as fp32_on_cpu makes (one tensor passed three times takes MHA's packed projection)
+    assert out.dtype == torch.float32 and torch.equal(out, mha(*(x.bfloat16().float() for _ in range(3)),
+                                                               need_weights=False)[0])
+    assert torch.equal(model.fp32_on_cpu(F.scaled_dot_product_attention, q, k, v), plain) and plain.dtype == q.dtype
+
+
 def _odd_image_folder(d):
     """A folder of every kind of file a classroom's photos may hold; -> the number of usable images."""
     from PIL import Image

@@ -59,6 +59,7 @@ class ARConfig:
     grad_clip: float = 1.0
     cfg_scale: float = -1.0      # the guidance scale sample.py uses for this model; -1 = the preset's (toy 2, paper 4)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
+                                 # (bf16 on a CPU: one with native bf16, AVX-512 BF16 or AMX)
     compile: bool = False        # torch.compile the AR model
     fsdp: bool = False           # under torchrun: shard the weights, gradients and AdamW state (FSDP2, one unit per
                                  # transformer block) instead of DDP
@@ -311,7 +312,7 @@ def memory_plan(cfg, gcfg, world, precision):
     backward of a micro-batch on fake tensors."""
     micro = runtime.micro_batch(cfg, world)
     mode, (gpt,) = runtime.fake_modules(lambda: (GPT(gcfg),))
-    autocast = runtime.autocast_for(precision, torch.device("cpu"))[1]  # CPU autocast stands in for CUDA's
+    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]  # for CUDA's
 
     def step():
         with autocast:

@@ -63,6 +63,7 @@ class TrainConfig:
     missing_helpers: str = ""    # a teacher or LPIPS that cannot be loaded: "stop" or "warn" (train without it);
                                  # "" = the preset's (paper presets stop, the toy warns)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
+                                 # (bf16 on a CPU: one with native bf16, AVX-512 BF16 or AMX)
     compile: bool = False        # torch.compile the tokenizer
     fsdp: bool = False           # under torchrun: shard the tokenizer's weights, gradients and AdamW state (FSDP2,
                                  # one unit per transformer block and CNN level) instead of DDP; the PatchGAN stays whole
@@ -284,7 +285,7 @@ def memory_plan(cfg, world, precision, with_teacher=True, with_lpips=True):
     use_lpips = with_lpips and cfg.lpips and cfg.perceptual_weight > 0
     mode, (tok, disc, lpips) = runtime.fake_modules(lambda: (Tokenizer(tcfg), PatchDiscriminator(),
                                                              LPIPS() if use_lpips else None))
-    autocast = runtime.autocast_for(precision, torch.device("cpu"))[1]  # CPU autocast stands in for CUDA's
+    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]  # for CUDA's
 
     teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
     # a stand-in for the frozen teacher's features (B, g*g, teacher dim), so that the semantic head and loss count
