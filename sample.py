@@ -44,8 +44,8 @@ class SampleConfig:
     num_samples: int = 0              # > 0: write this many images (classes uniformly at random) + an .npz
     batch_size: int = 32              # images generated at once (per process)
     out: str = ""                     # grid PNG path, or folder for num_samples; "" = beside the checkpoint
-    precision: str = "auto"           # the AR model's: "auto" (bf16 on CUDA, fp32 elsewhere), bf16, fp16, fp32;
-                                      # the tokenizer decodes in fp32 (bf16 on a CPU: AVX-512 BF16 or AMX only)
+    precision: str = "auto"           # the AR model's: "auto" (bf16 on CUDA, fp32 elsewhere), bf16, fp16, fp32
+                                      # (bf16 on a CPU: AVX-512 BF16 or AMX only); the tokenizer decodes in fp32
     device: str = ""                  # "" = cuda, else mps, else cpu
     threads: int = 0                  # torch CPU threads (0 = torch's default)
 

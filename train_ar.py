@@ -312,7 +312,8 @@ def memory_plan(cfg, gcfg, world, precision):
     backward of a micro-batch on fake tensors."""
     micro = runtime.micro_batch(cfg, world)
     mode, (gpt,) = runtime.fake_modules(lambda: (GPT(gcfg),))
-    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]  # for CUDA's
+    # CPU autocast stands in for CUDA's (fake tensors: this CPU's own bf16 does not matter)
+    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]
 
     def step():
         with autocast:

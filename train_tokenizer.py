@@ -285,7 +285,8 @@ def memory_plan(cfg, world, precision, with_teacher=True, with_lpips=True):
     use_lpips = with_lpips and cfg.lpips and cfg.perceptual_weight > 0
     mode, (tok, disc, lpips) = runtime.fake_modules(lambda: (Tokenizer(tcfg), PatchDiscriminator(),
                                                              LPIPS() if use_lpips else None))
-    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]  # for CUDA's
+    # CPU autocast stands in for CUDA's (fake tensors: this CPU's own bf16 does not matter)
+    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]
 
     teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
     # a stand-in for the frozen teacher's features (B, g*g, teacher dim), so that the semantic head and loss count
