@@ -31,7 +31,7 @@ from data import image_grid, to_uint8
 class SampleConfig:
     ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint (ours from train_ar.py, or an official GigaTok gpt_1d one)
     tokenizer: str = ""               # tokenizer checkpoint; "" = the one the AR model was trained on
-    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 2, else 4)
+    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 3, else 4)
     cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
     step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
     temperature: float = 1.0          # 0 = greedy (argmax)

@@ -57,7 +57,7 @@ class ARConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    cfg_scale: float = -1.0      # the guidance scale sample.py uses for this model; -1 = the preset's (toy 2, paper 4)
+    cfg_scale: float = -1.0      # the guidance scale sample.py uses for this model; -1 = the preset's (toy 3, paper 4)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
                                  # (bf16 on a CPU: one with native bf16, AVX-512 BF16 or AMX)
     compile: bool = False        # torch.compile the AR model
@@ -84,11 +84,12 @@ AR_TRAIN_PRESETS = {
     "gpt-l":   dict(batch_size=256, warmup=5000, max_steps=1_500_000),
     "gpt-xl":  dict(batch_size=256, warmup=5000, max_steps=1_500_000),
     "gpt-xxl": dict(batch_size=512, warmup=200, max_steps=750_000),
-    # ours: a high lr, 100 images per class, and the guidance scale chosen by eye from sample grids at 1.5 to 7 (on the
-    # 2D toy); 900 steps (~0.55 s each on 2 cores at the 1D toy's 128 codes): shorter runs gave samples that miss their
-    # classes (batch 16 x 1100 steps: 2.30 nats; lr 2e-3 x 620 steps: 2.28; 800 steps: 2.13). README "The AR model"
+    # ours: a high lr, 100 images per class, and the guidance scale chosen by eye from sample grids (1.5 to 7 on the
+    # 2D toy, 2 to 4 on the 1D one); 900 steps (~0.55 s each on 2 cores at the 1D toy's 128 codes): shorter runs
+    # gave samples that miss their classes (batch 16 x 1100 steps: 2.30 nats; lr 2e-3 x 620 steps: 2.28; 800 steps:
+    # 2.13). README "The AR model"
     "toy":     dict(batch_size=32, warmup=50, max_steps=900, lr=1e-3, per_class=100, log_interval=50,
-                    eval_interval=250, ckpt_interval=250, cfg_scale=2.0),
+                    eval_interval=250, ckpt_interval=250, cfg_scale=3.0),
 }
 PAPER_DEFAULTS = dict(lr=1e-4, per_class=0, log_interval=100, eval_interval=10_000, ckpt_interval=5000, cfg_scale=4.0)
 PROBE = dict(max_steps=250_000, schedule_steps=1_500_000, warmup=0)  # early-stopped in the hold phase (spec 5.4)
