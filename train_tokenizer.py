@@ -98,10 +98,11 @@ TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
     "s-s-2d": dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=100),
     "s-b-2d": dict(batch_size=128, warmup=0, entropy_weight=0.0, aux_loss_end=15000, disc_start=20000, epochs=200),
     "b-l-2d": dict(batch_size=256, warmup=0, entropy_weight=0.005, aux_loss_end=15000, disc_start=20000, epochs=200),
-    # ours: the 1D toy, as many steps as ~9 minutes on 2 CPU cores allow (900: 23.8 dB, 1100: 24.2 on average); a
-    # stronger entropy loss than the paper's, to use the whole small codebook (0.005: 36% held-out usage, 0.015: 71%
-    # at 64 tokens, the same PSNR); a cosine that ends higher, at 3e-4, with a moving average of the weights (0.98,
-    # half-life ~34 steps) to evaluate: the average smooths the noise of the larger late steps (README "The 1D toy")
+    # ours: the 1D toy, as many steps as fit in 10 minutes on 2 CPU cores (6 to 10 by the machine; 900 steps: 23.8
+    # dB, 1100: 24.2 on average); a stronger entropy loss than the paper's, to use the whole small codebook (0.005:
+    # 36% held-out usage, 0.015: 71% at 64 tokens, the same PSNR); a cosine that ends higher, at 3e-4, with a moving
+    # average of the weights (0.98, half-life ~34 steps) to evaluate: the average smooths the noise of the larger
+    # late steps (README "The 1D toy")
     "toy":    dict(_TOY, entropy_weight=0.015, max_steps=1100, end_lr=3e-4, ema=0.98),
     # the 2D toy, as the default toy was before the 1D one (22.5 dB in 5:45 on 2 cores)
     "toy-2d": dict(_TOY, entropy_weight=0.005, max_steps=450),
