@@ -48,9 +48,9 @@ class VectorQuantizer(nn.Module):
                  usage_window=65536, search_elements=2 ** 24):
         super().__init__()
         self.codebook_size, self.dim = codebook_size, dim
-        # eval mode searches the codes for at most this many (token, code) distances at a time (64 MiB in fp32);
-        # ours: the same codes, but extracting codes for the AR model (32 images x 10 crops x 256 tokens against
-        # 16384 codes) would otherwise hold (81920, 16384) distance matrices, 5.4 GB each
+        # without the entropy loss the codes are searched for at most this many (token, code) distances at a time
+        # (64 MiB in fp32); ours: the same codes, but extracting codes for the AR model (32 images x 10 crops x 256
+        # tokens against 16384 codes) would otherwise hold (81920, 16384) distance matrices, 5.4 GB each
         self.search_rows = max(1, search_elements // codebook_size)
         self.entropy_temperature, self.rotation_trick = entropy_temperature, rotation_trick
         self.embedding = nn.Embedding(codebook_size, dim)
@@ -82,10 +82,10 @@ class VectorQuantizer(nn.Module):
         # squared distances in float32 even under autocast: among 16384 unit vectors bf16 flips near-ties
         distances = lambda zs: zs.pow(2).sum(1, keepdim=True) + ef.pow(2).sum(1) - 2 * zs @ ef.t()  # (rows, K)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if self.training:  # the entropy loss needs every distance
+            if self.training and entropy:  # the entropy loss needs every distance
                 d = distances(zf)                                          # (B*N, K)
                 codes = d.argmin(dim=1)                                    # (B*N,) the nearest code
-            else:              # only the nearest code: a block of rows at a time
+            else:                          # only the nearest code: a block of rows at a time
                 codes = torch.cat([distances(zs).argmin(dim=1) for zs in zf.split(self.search_rows)])
         z_q = e[codes].view_as(z)                                          # (B, N, d)
         losses = {}

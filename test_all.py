@@ -116,15 +116,16 @@ def test_quantizer_eval_output_is_codebook_lookup_of_its_indices():
     assert torch.allclose(z_q.norm(dim=-1), torch.ones(4, 16))
 
 
-def test_quantizer_eval_searches_in_blocks_with_the_same_codes():
-    # eval mode finds the nearest code a block of rows at a time (memory), training mode over the whole matrix
+def test_quantizer_searches_in_blocks_with_the_same_codes():
+    # without the entropy loss the nearest code is found a block of rows at a time (memory); with it, over the whole
+    # (tokens, codes) matrix, which the entropy loss needs
     torch.manual_seed(0)
     z = torch.randn(3, 50, 8)                                         # 150 tokens
     vq = quantizer.VectorQuantizer(300, 8, search_elements=300 * 7)   # 7 rows a block: 22 blocks, the last short
     assert vq.search_rows == 7
     codes_eval = vq.eval()(z)[1]
-    codes_train = vq.train()(z)[1]
-    assert torch.equal(codes_eval, codes_train)
+    codes_whole = vq.train()(z, entropy=True)[1]
+    assert torch.equal(codes_eval, codes_whole) and torch.equal(vq(z, entropy=False)[1], codes_whole)
     whole = quantizer.VectorQuantizer(300, 8)                         # one block
     whole.load_state_dict(vq.state_dict())
     assert whole.search_rows >= 150 and torch.equal(whole.eval()(z)[1], codes_eval)
