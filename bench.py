@@ -8,6 +8,7 @@ on CUDA, the MFU against --peak-tflops; and the memory plan of both training ste
     python bench.py                                  # the toys, on this machine's default device
     python bench.py --size s-s --gpt gpt-b --batch-size 2 --threads 1
     python bench.py --size b-l --gpt gpt-b --device cuda --precision bf16 --peak-tflops 989   # H100 dense bf16
+    python bench.py --size xl-xxl --gpt gpt-xxl --count true   # FLOPs and memory plans only: fake tensors, seconds
 """
 import dataclasses
 import resource
@@ -37,6 +38,8 @@ class BenchConfig:
     precision: str = "fp32"      # "fp32", "bf16" (autocast; the quantizer's distances stay fp32), "fp16", "auto"
     compile: bool = False        # torch.compile the tokenizer and the GPT
     peak_tflops: float = 0.0     # the device's peak TFLOP/s at this precision, for the MFU; 0 = do not print it
+    count: bool = False          # only count: the training steps' FLOPs on fake tensors (no memory, no compute, so
+                                 # any preset on any machine) and the memory plans, then exit
     device: str = ""             # "" = cuda, else mps, else cpu
     threads: int = 0             # torch CPU threads (0 = torch's default)
     seed: int = 0
@@ -64,21 +67,12 @@ def timed(fn, steps, device):
     return sorted(times)[len(times) // 2]
 
 
-def main(cfg: BenchConfig):
-    rank, world, device = runtime.setup(cfg, tf32=True)
-    precision, autocast = runtime.autocast_for(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    tcfg = TOKENIZER_PRESETS[cfg.size]
-    gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens)
-    tok, disc, gpt = Tokenizer(tcfg).to(device), PatchDiscriminator().to(device), GPT(gcfg).to(device)
-    train_tok, train_gpt = (torch.compile(m) if cfg.compile else m for m in (tok, gpt))
-    x = torch.rand(cfg.batch_size, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
-    codes = torch.randint(gcfg.vocab_size, (cfg.ar_batch_size, gcfg.block_size), device=device)
-    labels = torch.randint(gcfg.num_classes, (cfg.ar_batch_size,), device=device)
-
+def training_steps(tok, disc, gpt, x, codes, labels, autocast):
+    """The two training steps measured: the tokenizer's (x (B, 3, S, S)) and the AR model's (codes (B, N), labels (B,)),
+    each a forward and a backward (no optimizer)."""
     def tokenizer_step(gan):  # the generator's forward and backward (no teacher, no LPIPS), then D's if gan
         with autocast:
-            terms, recons = train_tokenizer.loss_terms(train_tok, x, None, None, disc, gan, False, True)
+            terms, recons = train_tokenizer.loss_terms(tok, x, None, None, disc, gan, False, True)
             loss = sum(terms.values())
         loss.backward()
         if gan:
@@ -87,8 +81,59 @@ def main(cfg: BenchConfig):
 
     def ar_step():
         with autocast:
-            loss = F.cross_entropy(train_gpt(codes, labels).flatten(0, 1), codes.flatten())
+            loss = F.cross_entropy(gpt(codes, labels).flatten(0, 1), codes.flatten())
         loss.backward()
+    return tokenizer_step, ar_step
+
+
+def print_plans(cfg, gcfg, precision):
+    """What the training steps hold, from the memory plan (runtime.memory_plan): the tokenizer with the discriminator."""
+    tcfg_train = train_tokenizer.resolve(train_tokenizer.TrainConfig(size=cfg.size, batch_size=cfg.batch_size,
+                                                                     teacher="none", lpips=False, disc_start=0))
+    print("  tokenizer step with the discriminator, " + train_tokenizer.memory_plan(tcfg_train, 1, precision))
+    print("  AR step, " + train_ar.memory_plan(train_ar.resolve(train_ar.ARConfig(gpt=cfg.gpt,
+                                                                batch_size=cfg.ar_batch_size)), gcfg, 1, precision))
+
+
+def count_only(cfg, tcfg, gcfg, precision):
+    """FLOPs of both training steps, per image and per token, counted on fake tensors (runtime.fake_modules): the
+    shapes alone, so the 2.9B tokenizer counts in seconds on a laptop. (Under autocast the CPU's stands in.)"""
+    mode, (tok, disc, gpt) = runtime.fake_modules(lambda: (Tokenizer(tcfg), PatchDiscriminator(), GPT(gcfg)))
+    autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]
+    with mode:
+        x = torch.randn(cfg.batch_size, 3, tcfg.image_size, tcfg.image_size)
+        codes = torch.randint(gcfg.vocab_size, (cfg.ar_batch_size, gcfg.block_size))
+        labels = torch.randint(gcfg.num_classes, (cfg.ar_batch_size,))
+        tokenizer_step, ar_step = training_steps(tok, disc, gpt, x, codes, labels, autocast)
+        counts = {}  # name -> FLOPs per image or token
+        for name, fn, units, unit in [("tokenizer step (no teacher, LPIPS or GAN)", lambda: tokenizer_step(False),
+                                       cfg.batch_size, "image"),
+                                      ("tokenizer step with the discriminator", lambda: tokenizer_step(True),
+                                       cfg.batch_size, "image"),
+                                      ("AR step", ar_step, cfg.ar_batch_size * gcfg.block_size, "token")]:
+            counts[name] = flops(fn) / units
+            print(f"  {name:<40} {counts[name] / 1e9:12.4f} GFLOP per {unit} (forward and backward)")
+    return counts
+
+
+def main(cfg: BenchConfig):
+    rank, world, device = runtime.setup(cfg, tf32=True)
+    precision, autocast = runtime.autocast_for(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    tcfg = TOKENIZER_PRESETS[cfg.size]
+    gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens)
+    if cfg.count:
+        print(f"bench: tokenizer {cfg.size}, AR {cfg.gpt} ({gcfg.block_size} tokens of {gcfg.vocab_size}); {precision}; "
+              f"counted on fake tensors")
+        print_plans(cfg, gcfg, precision)
+        return count_only(cfg, tcfg, gcfg, precision)
+    tok, disc, gpt = Tokenizer(tcfg).to(device), PatchDiscriminator().to(device), GPT(gcfg).to(device)
+    train_tok, train_gpt = (torch.compile(m) if cfg.compile else m for m in (tok, gpt))
+    x = torch.rand(cfg.batch_size, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
+    codes = torch.randint(gcfg.vocab_size, (cfg.ar_batch_size, gcfg.block_size), device=device)
+    labels = torch.randint(gcfg.num_classes, (cfg.ar_batch_size,), device=device)
+
+    tokenizer_step, ar_step = training_steps(train_tok, disc, train_gpt, x, codes, labels, autocast)
 
     @torch.no_grad()
     def encode():
@@ -120,12 +165,7 @@ def main(cfg: BenchConfig):
     print(f"bench: tokenizer {cfg.size} ({runtime.count(tok) / 1e6:.2f}M), AR {cfg.gpt} ({runtime.count(gpt) / 1e6:.2f}M, "
           f"{gcfg.block_size} tokens of {gcfg.vocab_size}); device {device}, {precision}, {torch.get_num_threads()} "
           f"threads{', compiled' if cfg.compile else ''}; median of {cfg.steps}")
-    # what the training steps hold, from the memory plan (runtime.memory_plan): the tokenizer with the discriminator
-    tcfg_train = train_tokenizer.resolve(train_tokenizer.TrainConfig(size=cfg.size, batch_size=cfg.batch_size,
-                                                                     teacher="none", lpips=False, disc_start=0))
-    print("  tokenizer step with the discriminator, " + train_tokenizer.memory_plan(tcfg_train, 1, precision))
-    print("  AR step, " + train_ar.memory_plan(train_ar.resolve(train_ar.ARConfig(gpt=cfg.gpt,
-                                                                batch_size=cfg.ar_batch_size)), gcfg, 1, precision))
+    print_plans(cfg, gcfg, precision)
     for name, units, unit, fn, steps in rows:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

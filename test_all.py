@@ -1615,6 +1615,24 @@ def test_bench_prints_a_row_for_every_measurement():
     assert sum("memory plan per process" in l for l in buf.getvalue().splitlines()) == 2  # tokenizer and AR steps
 
 
+
+def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
+    # --count counts from the shapes alone (fake tensors); it must give what the same steps count on real tensors
+    import bench
+    cfg = bench.BenchConfig(batch_size=2, ar_batch_size=2, count=True)
+    tcfg = TOKENIZER_PRESETS["toy"]
+    gcfg = dataclasses.replace(GPT_PRESETS["toy"], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens)
+    with contextlib.redirect_stdout(io.StringIO()):
+        fake = bench.count_only(cfg, tcfg, gcfg, "fp32")
+    torch.manual_seed(0)
+    tok, disc, gpt = Tokenizer(tcfg), model.PatchDiscriminator(), GPT(gcfg)
+    codes = torch.randint(gcfg.vocab_size, (2, gcfg.block_size))
+    tokenizer_step, ar_step = bench.training_steps(tok, disc, gpt, torch.rand(2, 3, 64, 64) * 2 - 1, codes,
+                                                   torch.randint(gcfg.num_classes, (2,)), contextlib.nullcontext())
+    real = [bench.flops(lambda: tokenizer_step(False)) / 2, bench.flops(lambda: tokenizer_step(True)) / 2,
+            bench.flops(ar_step) / (2 * gcfg.block_size)]
+    assert list(fake.values()) == real and real[0] > 1e9, (fake, real)  # toy: ~2.4 GFLOP an image
+
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
 
 def _torchrun(script, nproc=2, **flags):
