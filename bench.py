@@ -118,7 +118,8 @@ def count_only(cfg, tcfg, gcfg, precision):
 
 def main(cfg: BenchConfig):
     rank, world, device = runtime.setup(cfg, tf32=True)
-    precision, autocast = runtime.autocast_for(cfg.precision, device)
+    # counting runs no kernel: a plan for bf16 GPUs is made on any CPU, even one without native bf16
+    precision, autocast = runtime.autocast_for(cfg.precision, device, planning=cfg.count)
     torch.manual_seed(cfg.seed)
     tcfg = TOKENIZER_PRESETS[cfg.size]
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens)

@@ -1317,7 +1317,7 @@ def test_bad_flags_are_one_line_errors_with_exit_status_2():
 
 def test_bf16_on_a_cpu_needs_native_bf16_and_runs_attention_in_fp32():
     # a CPU without native bf16 (AVX-512 BF16 or AMX): --precision bf16 is a one-line error naming fp32; a memory
-    # plan, which only borrows the CPU's autocast for fake tensors, still works
+    # plan or bench.py's count, which only borrow the CPU's autocast for fake tensors, still work
     native = runtime.native_bf16
     runtime.native_bf16 = lambda: False
     try:
@@ -1326,6 +1326,11 @@ def test_bf16_on_a_cpu_needs_native_bf16_and_runs_attention_in_fp32():
                                     ["--precision", "bf16", "--device", "cpu", "--out-dir", d])
         assert code == 2 and "no native bf16" in err and "--precision fp32" in err and "Traceback" not in err, err
         assert runtime.autocast_for("bf16", torch.device("cpu"), planning=True)[0] == "bf16"
+        import bench  # so does bench.py's count, which runs no kernel either
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            bench.main(bench.BenchConfig(count=True, precision="bf16", device="cpu", batch_size=1, ar_batch_size=1))
+        assert "; bf16;" in buf.getvalue() and "GFLOP per token" in buf.getvalue(), buf.getvalue()
     finally:
         runtime.native_bf16 = native
     assert runtime.autocast_for("fp32", torch.device("cpu"))[0] == "fp32"  # fp32 runs on every CPU
