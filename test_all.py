@@ -1936,7 +1936,7 @@ def _run(pattern=""):
             fn()
             passed += 1
             print(f"ok    {name} ({time.time() - t0:.1f}s)", flush=True)
-        except Exception:
+        except (Exception, SystemExit):  # SystemExit too: a runtime.UserError that escapes fails its test, not the run
             failed += 1
             print(f"FAIL  {name} ({time.time() - t0:.1f}s)", flush=True)
             traceback.print_exc()
