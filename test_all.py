@@ -1620,7 +1620,6 @@ def test_bench_prints_a_row_for_every_measurement():
     assert sum("memory plan per process" in l for l in buf.getvalue().splitlines()) == 2  # tokenizer and AR steps
 
 
-
 def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
     # --count counts from the shapes alone (fake tensors); it must give what the same steps count on real tensors
     import bench
@@ -1637,6 +1636,7 @@ def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
     real = [bench.flops(lambda: tokenizer_step(False)) / 2, bench.flops(lambda: tokenizer_step(True)) / 2,
             bench.flops(ar_step) / (2 * gcfg.block_size)]
     assert list(fake.values()) == real and real[0] > 1e9, (fake, real)  # toy: ~2.4 GFLOP an image
+
 
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
 
