@@ -182,7 +182,11 @@ def all_reduce(t, op="sum"):
 
 
 def cleanup_distributed():
+    """Every process reaches this point before any tears its connections down: a gloo process destroying its group
+    while a peer is still mid-collective was seen to abort at exit ("terminate called without an active
+    exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
