@@ -1067,13 +1067,14 @@ def test_image_folder_recursive_flat_subsets_and_unreadable_files():
             f.write("not an image")
         os.makedirs(os.path.join(d, "flat"))
         Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(os.path.join(d, "flat", "g.png"))
-        images = data.make_dataset(d, "train", 32)
-        assert images.classes == ["a_cls", "b_cls", "c_cls"] and len(images) == 10
+        images = data.make_dataset(d, "train", 32)  # no val/: every 3rd image of each class held out (10 images)
+        assert images.classes == ["a_cls", "b_cls", "c_cls"] and len(images) == 7
         x, y = images[0]
         assert x.shape == (3, 32, 32) and y == 0
+        bad = [os.path.basename(p) for p, _ in images.samples].index("3.png")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x3, y3 = images[3]                    # the unreadable one: reported, replaced by the next image
+            x3, y3 = images[bad]                  # the unreadable one: reported, replaced by the next image
         assert any("unreadable image" in str(w.message) for w in caught) and y3 == 1
         xa, _ = images.train_item(0, np.random.default_rng(1))
         assert xa.shape == (3, 32, 32)
@@ -1397,7 +1398,7 @@ def test_image_folder_uses_odd_images_and_skips_bad_files_with_a_count():
                    in str(w.message)
                    for w in caught), [str(w.message) for w in caught]
         assert train.classes == val.classes == ["a", "b", "empty_class"]
-        assert len(train) + len(val) == 13 and len(val) == 2                   # a held-out image per class of >= 2
+        assert len(train) + len(val) == 13 and len(val) == 3                   # every 4th image of each class
         seen = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
