@@ -338,7 +338,7 @@ def find_layout(top):
         return Layout("class folders train/ (test/ unlabelled, unused)", path("train"), train)
     known = [n for n in ("Imagenette", "Imagewoof") if os.path.isfile(path(f"noisy_{n.lower()}.csv"))]
     what = "flat folders" if flat_held else "class folders"
-    return Layout(" ".join(known + [f"{what} train/ + {held}/"]), path("train"), train, path(held), folders)
+    return Layout(": ".join(known + [f"{what} train/ + {held}/"]), path("train"), train, path(held), folders)
 
 
 def hold_out_stride(counts):
