@@ -1231,6 +1231,17 @@ def test_image_folder_carves_an_interleaved_held_out_split_never_trained_on():
         assert any("28 images lie beside 1 class folders" in str(w.message) for w in caught)
 
 
+def test_tokenizer_datasets_subset_both_splits_and_show_the_first_held_out_images():
+    with tempfile.TemporaryDirectory() as d:  # 3 classes x 8 images, no val/: every 4th held out (6 images)
+        _files_at(d, [f"{c}/{c}{i}.png" for c in "abc" for i in range(8)])
+        cfg = train_tokenizer.TrainConfig(size="toy", data=d, per_class=1)
+        train, held, shown = train_tokenizer.datasets(cfg, "cpu")
+        assert _items(train) == [("a0", 0), ("b0", 1), ("c0", 2)]
+        assert _items(held) == [("a3", 0), ("b3", 1), ("c3", 2)]                       # per_class on both
+        assert shown.shape == (8, 3, 64, 64) and torch.equal(shown[3], held[0][0])       # 3 images, repeated
+        assert len({x.sum().item() for x in shown}) == 3
+
+
 def test_train_batches_are_a_function_of_seed_rank_and_step():
     images = data.make_dataset("synthetic", "train", 16, per_class=3)   # 30 images
     first = list(itertools.islice(data.train_batches(images, 4, rank=1, world=2, seed=5), 9))
