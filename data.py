@@ -225,16 +225,13 @@ def random_crop(img, s, rng):
 SPLITS = ("train", "val", "test")  # folder names that are splits, never classes
 
 
-def _ordinal(s):
-    return f"{s}{'nd' if s == 2 else 'rd' if s == 3 else 'th'}"
-
-
 def dataset_top(root):
     """The folder that holds the splits: root, or its parent when root is itself a split folder beside a
-    train/ (the README's torchrun examples pass --data /data/imagenet/train: the val/ beside it is found)."""
+    train/ (the README's torchrun examples pass --data /data/imagenet/train: the val/ beside it is found), or
+    a val/ (ImageNet's val/ downloaded alone, to evaluate on)."""
     root = os.path.abspath(root)
-    parent = os.path.dirname(root)
-    split_folder = os.path.basename(root) in SPLITS and os.path.isdir(os.path.join(parent, "train"))
+    parent, name = os.path.dirname(root), os.path.basename(root)
+    split_folder = name in SPLITS and (os.path.isdir(os.path.join(parent, "train")) or name == "val")
     return parent if split_folder else root
 
 
@@ -282,7 +279,7 @@ class Layout:
 
 
 def find_layout(top):
-    """The layout of the dataset folder top -> Layout. Tried in this order:
+    """The layout of the dataset folder top -> Layout, one of:
       Tiny ImageNet     train/<wnid>/images/*.JPEG; val/images/ labelled by val/val_annotations.txt
                         (tab-separated: file, wnid, box); test/ is unlabelled and unused
       class folders     train/<class>/ + val/<class>/ (ImageNet, Imagenette, Imagewoof), or + test/<class>/
@@ -315,7 +312,7 @@ def find_layout(top):
     if flat_held and not flat_train and held == "val":  # a flat val/: its labels are in a file beside it
         if os.path.isfile(path("LOC_val_solution.csv")):
             with open(path("LOC_val_solution.csv")) as lines:
-                rows = [line.strip().split(",", 1) for line in itertools.islice(lines, 1, None)]  # no header
+                rows = [line.strip().split(",", 1) for line in itertools.islice(lines, 1, None)]  # past the header
             labels = {row[0]: row[1].split()[0] for row in rows if len(row) == 2 and row[1].split()}
             return Layout("ImageNet (flat val/ labelled by LOC_val_solution.csv)", path("train"), train,
                           path("val"), labels=labels, label_file=path("LOC_val_solution.csv"))
@@ -334,11 +331,12 @@ def find_layout(top):
                           labels={_stem(f): wnids[int(k)] for f, k in rows}, label_file=path("val.txt"))
         raise runtime.UserError(f"--data {top}: val/ holds images but no class folders, and there is no "
                                 f"LOC_val_solution.csv or val.txt beside it to label them")
-    if flat_held and not flat_train:  # Kaggle's unlabelled test/: of no use here
+    if flat_held and train is not None and not flat_train:  # Kaggle's unlabelled test/: of no use here
         return Layout("class folders train/ (test/ unlabelled, unused)", path("train"), train)
     known = [n for n in ("Imagenette", "Imagewoof") if os.path.isfile(path(f"noisy_{n.lower()}.csv"))]
-    what = "flat folders" if flat_held else "class folders"
-    return Layout(": ".join(known + [f"{what} train/ + {held}/"]), path("train"), train, path(held), folders)
+    what = ("flat folders" if flat_held else "class folders") + \
+        (f" train/ + {held}/" if train is not None else f" {held}/ (no train/: for evaluation)")
+    return Layout(": ".join(known + [what]), path("train"), train, path(held), folders)
 
 
 def hold_out_stride(counts):
@@ -348,6 +346,10 @@ def hold_out_stride(counts):
     A flat folder of 28 photos holds out every 4th: 7 images; ImageNet's train/ alone, every 20th."""
     want = min(8, max(1, sum(counts) // 4))
     return next((s for s in range(20, 1, -1) if sum(c // s for c in counts) >= want), 2)
+
+
+def _ordinal(s):
+    return f"{s}{'nd' if s == 2 else 'rd' if s == 3 else 'th'}"  # 2 -> "2nd", 4 -> "4th" (s <= 20)
 
 
 def interleave(groups):

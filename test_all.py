@@ -1201,6 +1201,11 @@ def test_image_folder_matches_class_folders_of_val_or_test_by_name():
         _files_at(d, ["flat/train/a.png", "flat/train/b.png", "flat/val/c.png"])
         assert _items(data.make_dataset(os.path.join(d, "flat"), "val", 8)) == [("c", 0)]
         assert data.make_dataset(os.path.join(d, "flat"), "train", 8).classes == ["flat"]
+        # ImageNet's val/ alone (to evaluate on): its own classes, all its images; no training split
+        _files_at(d, ["val_only/val/n2/a.png", "val_only/val/n5/b.png"])
+        for root in (os.path.join(d, "val_only"), os.path.join(d, "val_only", "val")):
+            assert _items(data.make_dataset(root, "val", 8)) == [("a", 0), ("b", 1)]
+            _one_line_error(lambda: data.make_dataset(root, "train", 8), "no train/ folder")
 
 
 def test_image_folder_carves_an_interleaved_held_out_split_never_trained_on():
