@@ -312,7 +312,8 @@ def find_layout(top):
     if flat_held and not flat_train and held == "val":  # a flat val/: its labels are in a file beside it
         if os.path.isfile(path("LOC_val_solution.csv")):
             with open(path("LOC_val_solution.csv")) as lines:
-                rows = [line.strip().split(",", 1) for line in itertools.islice(lines, 1, None)]  # past the header
+                next(lines, None)                                   # the header: ImageId,PredictionString
+                rows = [line.strip().split(",", 1) for line in lines]
             labels = {row[0]: row[1].split()[0] for row in rows if len(row) == 2 and row[1].split()}
             return Layout("ImageNet (flat val/ labelled by LOC_val_solution.csv)", path("train"), train,
                           path("val"), labels=labels, label_file=path("LOC_val_solution.csv"))
