@@ -3,7 +3,10 @@ The images every script reads, and the stream of training batches.
 
     make_dataset(data, split, size, ...)   "synthetic" (drawn here, no download) or an ImageFolder root;
                                             item i -> (x (3, S, S) float in [-1, 1], label), the center crop;
-                                            .train_item(i, rng) -> the augmented training view
+                                            .train_item(i, rng) -> the augmented training view;
+                                            .classes (ids), .names (readable), .layout (what was found)
+    find_layout(folder)                    the dataset layouts recognized: Tiny ImageNet, ImageNet, class
+                                            folders train/ + val/ or test/, a flat folder of photos
     train_batches(dataset, batch, ...)     augmented micro-batches, a pure function of (seed, rank, step)
     in_order(dataset, lo, hi, batch, ...)  the items lo .. hi-1 in order, batched: for encoding and evaluation
     workers(n, device)                     what --num-workers -1 means: 6 loading processes on CUDA, 0 on CPU
@@ -12,6 +15,7 @@ The images every script reads, and the stream of training batches.
     psnr(a, b), image_grid(rows)           the project's one PSNR, and the PNG grids of the scripts
 """
 import functools
+import dataclasses
 import itertools
 import math
 import os
@@ -152,6 +156,7 @@ class SyntheticImages:
         k = len(SYNTHETIC_CLASSES)
         self.num_classes = min(num_classes or k, k)
         self.classes = SYNTHETIC_CLASSES[:self.num_classes]
+        self.names, self.layout = self.classes, "drawn on demand, no files"
         n = SYNTHETIC_SIZES[split]
         idx = [i for i in range(n) if i % k < self.num_classes]  # class = index % 10
         if per_class:
@@ -172,7 +177,7 @@ class SyntheticImages:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Image folders: ImageNet's layout (and any folder of photos), with the official crops.
+# Image folders: the layouts of ImageNet, Tiny ImageNet, class folders, any folder of photos; the official crops.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 _unreadable = [0]  # images this process could not decode
@@ -216,50 +221,228 @@ def random_crop(img, s, rng):
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else img
 
 
+# The layouts a --data folder may have, recognized by their folder names and annotation files (find_layout).
+SPLITS = ("train", "val", "test")  # folder names that are splits, never classes
+
+
+def dataset_top(root):
+    """The folder that holds the splits: root, or its parent when root is itself a split folder beside a
+    train/ (the README's torchrun examples pass --data /data/imagenet/train: the val/ beside it is found), or
+    a val/ (ImageNet's val/ downloaded alone, to evaluate on)."""
+    root = os.path.abspath(root)
+    parent, name = os.path.dirname(root), os.path.basename(root)
+    split_folder = name in SPLITS and (os.path.isdir(os.path.join(parent, "train")) or name == "val")
+    return parent if split_folder else root
+
+
+def classes_in(folder, loose_name):
+    """The classes of a folder of images -> {class id: (folder, recursive)}, sorted by id. Each sub-folder is
+    a class, its images found at any depth (Tiny ImageNet's train/<wnid>/images/ too); images lying loose in
+    the folder are one more class named loose_name (so a flat folder is that one class), with a warning when
+    there are class folders beside them. Hidden folders are skipped."""
+    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    subs = {e.name: (e.path, True) for e in entries if e.is_dir()}
+    loose = sum(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+    if loose and subs:
+        warnings.warn(f"{folder}: {loose} images lie beside {len(subs)} class folders; they are one more "
+                      f"class, {loose_name!r}")
+    if loose or not subs:
+        subs[loose_name] = (folder, False)
+    return dict(sorted(subs.items()))
+
+
+def class_names(top):
+    """{class id: readable name} from Tiny ImageNet's words.txt ("n01443537<TAB>goldfish, Carassius auratus")
+    or ImageNet's LOC_synset_mapping.txt ("n01443537 goldfish, Carassius auratus"): the first name; or {}."""
+    for f in ("words.txt", "LOC_synset_mapping.txt"):
+        if os.path.isfile(os.path.join(top, f)):
+            with open(os.path.join(top, f)) as lines:
+                pairs = [line.split(None, 1) for line in lines]
+            return {p[0]: p[1].split(",")[0].strip() for p in pairs if len(p) == 2}
+    return {}
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]  # "val/images/val_0.JPEG" -> "val_0"
+
+
+@dataclasses.dataclass
+class Layout:
+    """What find_layout recognized in a dataset folder, and where each split's images and labels are."""
+    what: str            # a few words for the logs: "Tiny ImageNet (...)", "a flat folder", ...
+    train_dir: str       # the training images
+    train: dict          # the training classes {class id: (folder, recursive)}; None where there is no train/
+    held_dir: str = ""   # the held-out images; "" = carved out of the training images (hold_out_stride)
+    held: dict = None    # held_dir's class folders {class id: (folder, recursive)}; None if it is flat and
+    labels: dict = None  # labelled by a file: {file stem: class id}, read from label_file
+    label_file: str = ""
+
+
+def find_layout(top):
+    """The layout of the dataset folder top -> Layout, one of:
+      Tiny ImageNet     train/<wnid>/images/*.JPEG; val/images/ labelled by val/val_annotations.txt
+                        (tab-separated: file, wnid, box); test/ is unlabelled and unused
+      class folders     train/<class>/ + val/<class>/ (ImageNet, Imagenette, Imagewoof), or + test/<class>/
+                        where there is no val/ (CIFAR as folders)
+      ImageNet flat val train/<wnid>/ + a flat val/ labelled by LOC_val_solution.csv beside it (rows
+                        "ILSVRC2012_val_00008726,n02119789 255 142 454 329 ...": the first word is the wnid)
+                        or by val.txt ("ILSVRC2012_val_00000001.JPEG 65": an index into the sorted wnids)
+      train/ alone      (or beside an unlabelled flat test/): the held-out images are carved out of train/
+      any other folder  no train/, val/ or test/: its sub-folders are the classes (or it is one class); carved
+    A flat train/ is one class named after top, and so is a flat val/ or test/ beside it. A val/ or test/
+    without a train/ is read with its own classes (evaluation only)."""
+    path = lambda *p: os.path.join(top, *p)
+    name = os.path.basename(top)
+    if not any(os.path.isdir(path(s)) for s in SPLITS):
+        train = classes_in(top, name)
+        return Layout("a flat folder" if train == {name: (top, False)} else "class folders", top, train)
+    train = classes_in(path("train"), name) if os.path.isdir(path("train")) else None
+    flat_train = train == {name: (path("train"), False)}
+    if os.path.isfile(path("val", "val_annotations.txt")):
+        with open(path("val", "val_annotations.txt")) as lines:
+            labels = {_stem(row[0]): row[1] for row in (line.split("\t") for line in lines) if len(row) > 1}
+        return Layout("Tiny ImageNet (val/images/ labelled by val_annotations.txt; test/ unlabelled, unused)",
+                      path("train"), train, path("val", "images"), labels=labels,
+                      label_file=path("val", "val_annotations.txt"))
+    held = "val" if os.path.isdir(path("val")) else "test" if os.path.isdir(path("test")) else None
+    if held is None:
+        return Layout("class folders train/" if not flat_train else "a flat train/", path("train"), train)
+    folders = classes_in(path(held), name)
+    flat_held = folders == {name: (path(held), False)}
+    if flat_held and not flat_train and held == "val":  # a flat val/: its labels are in a file beside it
+        if os.path.isfile(path("LOC_val_solution.csv")):
+            with open(path("LOC_val_solution.csv")) as lines:
+                next(lines, None)                                   # the header: ImageId,PredictionString
+                rows = [line.strip().split(",", 1) for line in lines]
+            labels = {row[0]: row[1].split()[0] for row in rows if len(row) == 2 and row[1].split()}
+            return Layout("ImageNet (flat val/ labelled by LOC_val_solution.csv)", path("train"), train,
+                          path("val"), labels=labels, label_file=path("LOC_val_solution.csv"))
+        if os.path.isfile(path("val.txt")):
+            if train is None:
+                raise runtime.UserError(f"--data {top}: val.txt numbers the classes of a train/ folder; "
+                                        "there is none")
+            wnids = list(train)
+            with open(path("val.txt")) as lines:
+                rows = [line.split() for line in lines if line.strip()]
+            bad = [row for row in rows if len(row) != 2 or not row[1].isdigit() or int(row[1]) >= len(wnids)]
+            if bad:
+                raise runtime.UserError(f"{path('val.txt')}: {' '.join(bad[0])!r} is not \"<file> <class "
+                                        f"index below {len(wnids)}>\"")
+            return Layout("ImageNet (flat val/ labelled by val.txt)", path("train"), train, path("val"),
+                          labels={_stem(f): wnids[int(k)] for f, k in rows}, label_file=path("val.txt"))
+        raise runtime.UserError(f"--data {top}: val/ holds images but no class folders, and there is no "
+                                f"LOC_val_solution.csv or val.txt beside it to label them")
+    if flat_held and train is not None and not flat_train:  # Kaggle's unlabelled test/: of no use here
+        return Layout("class folders train/ (test/ unlabelled, unused)", path("train"), train)
+    known = [n for n in ("Imagenette", "Imagewoof") if os.path.isfile(path(f"noisy_{n.lower()}.csv"))]
+    what = ("flat folders" if flat_held else "class folders") + \
+        (f" train/ + {held}/" if train is not None else f" {held}/ (no train/: for evaluation)")
+    return Layout(": ".join(known + [what]), path("train"), train, path(held), folders)
+
+
+def hold_out_stride(counts):
+    """The held-out split of a set without val/ or test/: every s-th image of each class (sorted by path: the
+    s-th, the 2s-th, ...) for s = 20 (5%), or in a small set the largest s < 20 that holds out at least
+    min(8, max(1, n // 4)) of its n images (s = 2 when none does). counts: images per class -> s.
+    A flat folder of 28 photos holds out every 4th: 7 images; ImageNet's train/ alone, every 20th."""
+    want = min(8, max(1, sum(counts) // 4))
+    return next((s for s in range(20, 1, -1) if sum(c // s for c in counts) >= want), 2)
+
+
+def _ordinal(s):
+    return f"{s}{'nd' if s == 2 else 'rd' if s == 3 else 'th'}"  # 2 -> "2nd", 4 -> "4th" (s <= 20)
+
+
+def interleave(groups):
+    """[[a0, a1, a2], [b0], [c0, c1]] -> [a0, b0, c0, a1, c1, a2]: any prefix covers every class it can."""
+    return [x for row in itertools.zip_longest(*groups) for x in row if x is not None]
+
+
+def _images(folder, recursive):
+    """-> the image files in folder (at any depth if recursive), sorted, and the number of other files (hidden
+    files and Tiny ImageNet's <wnid>_boxes.txt beside each class's images/ do not count)."""
+    files = [os.path.join(d, n) for d, _, ns in os.walk(folder) for n in ns] if recursive else \
+        [e.path for e in os.scandir(folder) if e.is_file()]
+    files = [p for p in files if not os.path.basename(p).startswith(".") and not p.endswith("_boxes.txt")]
+    images = sorted(p for p in files if p.lower().endswith(IMAGE_EXTENSIONS))  # by extension (see load())
+    return images, len(files) - len(images)
+
+
 class ImageFolder:
-    """Images under root, one class per top-level folder, files found recursively (ImageNet's and
-    Tiny-ImageNet's layouts); a folder of images without class folders is one class. The split is root/<split>
-    when it exists (or a sibling train/ or val/ of root); otherwise every 20th image of each class is held out
-    as "val" (a class of 2 to 19 images: its last one) and the rest is "train". Subsets for classroom runs: the
-    first num_classes classes (sorted), the first per_class images of each (sorted). Files that are not images
-    (by extension) and empty class folders are skipped with a warning; see load() for unreadable images."""
+    """A dataset folder in one of the layouts of find_layout: item i -> (x (3, S, S) in [-1, 1], label).
+      .classes  the training classes' ids (folder names, wnids), sorted; labels index it in both splits: a
+                held-out image's class is matched to the training classes by its id (an unknown one: an error)
+      .names    their readable names (words.txt, LOC_synset_mapping.txt: "goldfish"), else the ids
+      .layout   what was recognized, in a few words (train_tokenizer prints it)
+    Without val/ or test/, the held-out images are carved out of the training images (hold_out_stride), and
+    are not trained on. Subsets for classroom runs, both splits alike: the first num_classes classes (sorted),
+    the first per_class images of each (sorted). Training items are in class order; held-out items interleave
+    the classes (class 0's first image, class 1's first, ..., class 0's second, ...), so that the first n
+    cover every class they can. Files that are not images (by extension) and empty class folders are skipped
+    with a warning; see load() for unreadable images."""
 
     def __init__(self, root, split, size, num_classes=0, per_class=0):
         if not os.path.isdir(root):
             raise runtime.UserError(f"--data {root!r}: no such folder (or pass --data synthetic)")
+        if split not in ("train", "val"):
+            raise runtime.UserError(f"--split {split!r}: train or val")
         self.size = size
-        base, held_out = root, None
-        if os.path.isdir(os.path.join(root, split)):
-            base = os.path.join(root, split)
-        elif os.path.basename(os.path.normpath(root)) in ("train", "val") and \
-                os.path.isdir(os.path.join(os.path.dirname(os.path.normpath(root)), split)):
-            base = os.path.join(os.path.dirname(os.path.normpath(root)), split)
-        else:
-            held_out = split == "val"
-        is_img = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)  # by extension; a misnamed file fails in load()
-        folders = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
-        if not folders or any(is_img(e.name) for e in os.scandir(base)):
-            folders = [""]                                      # flat: the folder is one class
-        folders = folders[:num_classes or None]  # a classroom subset: the first classes, sorted
-        self.classes = [f or os.path.basename(os.path.normpath(base)) for f in folders]  # a flat folder's class: its name
-        self.samples, others, empty = [], 0, []
-        for label, f in enumerate(folders):
-            top = os.path.join(base, f)
-            names = sorted(os.path.join(d, n) for d, _, ns in os.walk(top) for n in ns if not n.startswith(".")) \
-                if f else sorted(os.path.join(base, n) for n in os.listdir(base) if os.path.isfile(os.path.join(base, n)))
-            files = [p for p in names if is_img(p)]
-            others, empty = others + len(names) - len(files), empty + ([self.classes[label]] if not files else [])
-            if held_out is not None:  # 5% held out, the same files every run; a small class holds out its last
-                # indices held out
-                val = {j for j in range(len(files)) if j % 20 == 19} or ({len(files) - 1} if len(files) >= 2 else set())
-                files = [p for j, p in enumerate(files) if (j in val) == held_out]
-            self.samples += [(p, label) for p in files[:per_class or None]]  # (path, class index) pairs
+        top = dataset_top(root)
+        lay = find_layout(top)
+        train = lay.train or lay.held or dict.fromkeys(sorted(set(lay.labels.values())))  # no train/: val's
+        if split == "train" and lay.train is None:
+            raise runtime.UserError(f"--data {root}: no train/ folder beside {lay.held_dir}")
+        self.classes = list(train)[:num_classes or None]  # a classroom subset: the first classes, sorted
+        names = class_names(top)
+        self.names = [names.get(c, c) for c in self.classes]
+        self.layout = lay.what
+        carve = not lay.held_dir
+        where = lay.train_dir if split == "train" or carve else lay.held_dir
+        if split == "train" or carve:  # a carved split needs every class's count to choose its stride
+            found, others, empty = self._scan(lay.train if carve else {c: lay.train[c] for c in self.classes})
+            if carve:
+                s = hold_out_stride([len(f) for f in found.values()])
+                found = {c: [p for j, p in enumerate(f) if (j % s == s - 1) == (split == "val")]
+                         for c, f in found.items()}
+                self.layout += f", every {_ordinal(s)} image of each class held out"
+        elif lay.held is not None:  # class folders
+            self._check_known(root, [c for c in lay.held if c not in train], lay.held_dir)
+            found, others, empty = self._scan({c: lay.held[c] for c in self.classes if c in lay.held})
+        else:  # a flat folder and its labels
+            images, others = _images(lay.held_dir, False)
+            missing = [p for p in images if _stem(p) not in lay.labels]
+            if missing:
+                raise runtime.UserError(f"--data {root}: {len(missing)} images in {lay.held_dir} have no "
+                                        f"label in {lay.label_file} (e.g. {os.path.basename(missing[0])})")
+            found, empty = {}, []
+            for p in images:  # sorted, so each class's images are too
+                found.setdefault(lay.labels[_stem(p)], []).append(p)
+            self._check_known(root, [c for c in found if c not in train], lay.label_file)
+        groups = [[(p, y) for p in found.get(c, [])[:per_class or None]] for y, c in enumerate(self.classes)]
+        self.samples = [s for g in groups for s in g] if split == "train" else interleave(groups)  # (path, y)
         if others or empty:
-            warnings.warn(f"{base}: skipped {others} files that are not images ({', '.join(IMAGE_EXTENSIONS)})"
-                          + (f" and {len(empty)} class folders without images ({', '.join(empty[:5])})" if empty else ""))
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            warnings.warn(f"{where}: skipped {others} files that are not images ({kinds})"
+                          + (f" and {len(empty)} class folders without images ({', '.join(empty[:5])})"
+                             if empty else ""))
         if not self.samples:  # nothing to train or evaluate on: say so before anything starts
-            why = " (a held-out split needs classes of at least 2 images)" if held_out else ""
-            raise runtime.UserError(f"--data {root}: no {split} images ({', '.join(IMAGE_EXTENSIONS)}) under {base}{why}")
+            why = " (a held-out split carved out of the training images needs a class of at least 2 images)"
+            raise runtime.UserError(f"--data {root}: no {split} images ({', '.join(IMAGE_EXTENSIONS)}) under "
+                                    f"{where}{why if carve else ''}")
+
+    @staticmethod
+    def _scan(classes):
+        """{class id: (folder, recursive)} -> ({class id: sorted images}, other files, empty classes)"""
+        found, others, empty = {}, 0, []
+        for c, (folder, recursive) in classes.items():
+            found[c], n = _images(folder, recursive)
+            others, empty = others + n, empty + ([c] if not found[c] else [])
+        return found, others, empty
+
+    def _check_known(self, root, unknown, where):
+        if unknown:  # matched by id: a class the training set lacks has no label to give
+            raise runtime.UserError(f"--data {root}: held-out class {sorted(unknown)[0]!r} ({where}) is not "
+                                    f"one of the training classes ({len(unknown)} unknown)")
 
     def __len__(self):
         return len(self.samples)

@@ -1067,19 +1067,184 @@ def test_image_folder_recursive_flat_subsets_and_unreadable_files():
             f.write("not an image")
         os.makedirs(os.path.join(d, "flat"))
         Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(os.path.join(d, "flat", "g.png"))
-        images = data.make_dataset(d, "train", 32)
-        assert images.classes == ["a_cls", "b_cls", "c_cls"] and len(images) == 10
+        images = data.make_dataset(d, "train", 32)  # no val/: every 3rd image of each class held out (10 images)
+        assert images.classes == ["a_cls", "b_cls", "c_cls"] and len(images) == 7
         x, y = images[0]
         assert x.shape == (3, 32, 32) and y == 0
+        bad = [os.path.basename(p) for p, _ in images.samples].index("3.png")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x3, y3 = images[3]                    # the unreadable one: reported, replaced by the next image
+            x3, y3 = images[bad]                  # the unreadable one: reported, replaced by the next image
         assert any("unreadable image" in str(w.message) for w in caught) and y3 == 1
         xa, _ = images.train_item(0, np.random.default_rng(1))
         assert xa.shape == (3, 32, 32)
         assert len(data.make_dataset(d, "train", 32, num_classes=2, per_class=2)) == 4
         flat = data.make_dataset(os.path.join(d, "flat"), "train", 16)
         assert flat.classes == ["flat"] and flat[0][0].shape == (3, 16, 16)       # grayscale -> RGB
+
+
+def _files_at(root, paths, text=None):
+    """Tiny 8x8 images (or text files) at root/path for each path, each image a different colour."""
+    from PIL import Image
+    for k, p in enumerate(paths):
+        os.makedirs(os.path.dirname(os.path.join(root, p)), exist_ok=True)
+        if text is None:
+            Image.new("RGB", (8, 8), (k * 7 % 256, 50, 100)).save(os.path.join(root, p))
+        else:
+            with open(os.path.join(root, p), "w") as f:
+                f.write(text)
+
+
+def _items(images):
+    """-> [(file name without extension, label)] of a dataset, in its order."""
+    return [(os.path.splitext(os.path.basename(p))[0], y) for p, y in images.samples]
+
+
+def _one_line_error(fn, *words):
+    try:
+        fn()
+    except runtime.UserError as e:
+        assert "\n" not in str(e) and all(w in str(e) for w in words), e
+        return
+    raise AssertionError(f"no error naming {words}")
+
+
+def test_image_folder_reads_tiny_imagenet():
+    import warnings
+    with tempfile.TemporaryDirectory() as d:
+        wnids = ["n02", "n01", "n03"]
+        _files_at(d, [f"train/{w}/images/{w}_{i}.JPEG" for w in wnids for i in range(3)]
+                  + [f"val/images/val_{i}.JPEG" for i in range(7)] + ["test/images/test_0.JPEG"])
+        for w in wnids:  # the boxes beside each class's images/: expected, not "skipped files"
+            _files_at(d, [f"train/{w}/{w}_boxes.txt"], f"{w}_0.JPEG\t0\t0\t8\t8\n")
+        val = ["n03", "n01", "n01", "n02", "n03", "n01", "n02"]  # val_0 .. val_6
+        rows = "".join(f"val_{i}.JPEG\t{w}\t0\t0\t8\t8\n" for i, w in enumerate(val))
+        _files_at(d, ["val/val_annotations.txt"], rows)
+        _files_at(d, ["wnids.txt"], "\n".join(wnids) + "\n")
+        _files_at(d, ["words.txt"], "n00\tentity\nn01\tgoldfish, Carassius auratus\nn02\ttabby, tabby cat\n"
+                  "n03\tbullfrog, Rana catesbeiana\nn04\tstingray\n")     # more wnids than trained on
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                                   # nothing skipped, nothing to say
+            train, held = data.make_dataset(d, "train", 8), data.make_dataset(d, "val", 8)
+        assert train.classes == held.classes == ["n01", "n02", "n03"]          # "images" is never a class
+        assert train.names == ["goldfish", "tabby", "bullfrog"] and train.layout.startswith("Tiny ImageNet")
+        assert _items(train) == [(f"{w}_{i}", y) for y, w in enumerate(train.classes) for i in range(3)]
+        # val/images/ labelled by the annotations (test/ unlabelled: unused), the classes interleaved
+        assert _items(held) == [("val_1", 0), ("val_3", 1), ("val_0", 2), ("val_2", 0), ("val_6", 1),
+                                ("val_4", 2), ("val_5", 0)]
+        assert held[0][0].shape == (3, 8, 8) and held[0][1] == 0
+        # --data at the split folder finds val/; the subsets apply to both splits by class id
+        at_train = os.path.join(d, "train")
+        sub = lambda split: _items(data.make_dataset(at_train, split, 8, num_classes=2, per_class=1))
+        assert sub("train") == [("n01_0", 0), ("n02_0", 1)] and sub("val") == [("val_1", 0), ("val_3", 1)]
+        unknown = "".join(f"val_{i}.JPEG\t{w.replace('n03', 'n09')}\t0\t0\t8\t8\n" for i, w in enumerate(val))
+        _files_at(d, ["val/val_annotations.txt"], unknown)                       # a class not trained on
+        _one_line_error(lambda: data.make_dataset(d, "val", 8), "'n09'", "val_annotations.txt", "training")
+
+
+def test_image_folder_reads_imagenet_flat_val_labelled_by_csv_or_val_txt():
+    with tempfile.TemporaryDirectory() as d:
+        wnids = ["n01440764", "n01443537", "n01484850"]
+        _files_at(d, [f"train/{w}/{w}_{i}.JPEG" for w in wnids for i in range(2)]
+                  + [f"val/ILSVRC2012_val_0000000{i}.JPEG" for i in range(1, 6)])
+        _files_at(d, ["LOC_synset_mapping.txt"], "n01440764 tench, Tinca tinca\nn01443537 goldfish, "
+                  "Carassius auratus\nn01484850 great white shark, white shark\n")
+        labels = {5: 0, 1: 2, 2: 0, 3: 1, 4: 0}                                # val image -> class index
+        csv = "ImageId,PredictionString\n" + "".join(
+            f"ILSVRC2012_val_0000000{i},{wnids[k]} 1 2 7 7 {wnids[k]} 0 0 4 4\n" for i, k in labels.items())
+        txt = "".join(f"ILSVRC2012_val_0000000{i}.JPEG {k}\n" for i, k in sorted(labels.items()))
+        expected = [(f"ILSVRC2012_val_0000000{i}", labels[i]) for i in (2, 3, 1, 4, 5)]  # interleaved
+        for name, text in (("LOC_val_solution.csv", csv), ("val.txt", txt)):
+            _files_at(d, [name], text)
+            train, held = data.make_dataset(d, "train", 8), data.make_dataset(d, "val", 8)
+            assert train.classes == held.classes == wnids
+            assert held.names == ["tench", "goldfish", "great white shark"]
+            assert held.layout == f"ImageNet (flat val/ labelled by {name})" and len(train) == 6
+            assert _items(held) == expected
+            assert _items(data.make_dataset(d, "val", 8, num_classes=1, per_class=2)) == expected[::3]
+            os.remove(os.path.join(d, name))
+        _one_line_error(lambda: data.make_dataset(d, "val", 8), "no class folders", "LOC_val_solution.csv")
+        _files_at(d, ["val.txt"], "ILSVRC2012_val_00000001.JPEG 3\n")                # 3 classes: 0 .. 2
+        _one_line_error(lambda: data.make_dataset(d, "val", 8), "val.txt", "below 3")
+        _files_at(d, ["val.txt"], "ILSVRC2012_val_00000001.JPEG 0\n")                # 4 images unlabelled
+        _one_line_error(lambda: data.make_dataset(d, "val", 8), "4 images", "no label", "val.txt")
+        _files_at(d, ["LOC_val_solution.csv"], csv.replace("n01484850", "n09999999"))
+        _one_line_error(lambda: data.make_dataset(d, "val", 8), "'n09999999'", "LOC_val_solution.csv")
+
+
+def test_image_folder_matches_class_folders_of_val_or_test_by_name():
+    with tempfile.TemporaryDirectory() as d:  # ImageNet / Imagenette: val/<wnid>/, a class missing there
+        imagenette = os.path.join(d, "imagenette")
+        _files_at(imagenette, [f"train/{w}/{w}_{i}.JPEG" for w in ("n1", "n2", "n3") for i in range(3)]
+                  + [f"val/{w}/v{w}_{i}.JPEG" for w in ("n3", "n1") for i in range(2)])
+        _files_at(imagenette, ["noisy_imagenette.csv"], "path,noisy_labels_0\n")
+        train, held = data.make_dataset(imagenette, "train", 8), data.make_dataset(imagenette, "val", 8)
+        assert train.classes == held.classes == held.names == ["n1", "n2", "n3"] and len(train) == 9
+        assert held.layout == "Imagenette: class folders train/ + val/"
+        assert _items(held) == [("vn1_0", 0), ("vn3_0", 2), ("vn1_1", 0), ("vn3_1", 2)]   # by name: n3 is 2
+        assert _items(data.make_dataset(imagenette, "val", 8, num_classes=2, per_class=1)) == [("vn1_0", 0)]
+        _files_at(imagenette, ["val/n9/x.JPEG"])
+        _one_line_error(lambda: data.make_dataset(imagenette, "val", 8), "'n9'", "training classes")
+        # CIFAR as folders: train/<class>/ + test/<class>/, no val/: test/ is the held-out split
+        cifar = os.path.join(d, "cifar")
+        _files_at(cifar, [f"{s}/{c}/{s}_{c}_{i}.png" for s in ("train", "test") for c in ("dog", "cat")
+                          for i in range(3)])
+        pets = ["cat", "dog"]
+        for root in (cifar, os.path.join(cifar, "train"), os.path.join(cifar, "test")):
+            train, held = data.make_dataset(root, "train", 8), data.make_dataset(root, "val", 8)
+            assert train.classes == held.classes == pets
+            assert held.layout == "class folders train/ + test/"
+            assert _items(train) == [(f"train_{c}_{i}", y) for y, c in enumerate(pets) for i in range(3)]
+            assert _items(held) == [(f"test_{c}_{i}", y) for i in range(3) for y, c in enumerate(pets)]
+        assert len(data.make_dataset(cifar, "val", 8, per_class=2)) == 4
+        # a flat train/ and a flat val/: one class, named after the folder
+        _files_at(d, ["flat/train/a.png", "flat/train/b.png", "flat/val/c.png"])
+        assert _items(data.make_dataset(os.path.join(d, "flat"), "val", 8)) == [("c", 0)]
+        assert data.make_dataset(os.path.join(d, "flat"), "train", 8).classes == ["flat"]
+        # ImageNet's val/ alone (to evaluate on): its own classes, all its images; no training split
+        _files_at(d, ["val_only/val/n2/a.png", "val_only/val/n5/b.png"])
+        for root in (os.path.join(d, "val_only"), os.path.join(d, "val_only", "val")):
+            assert _items(data.make_dataset(root, "val", 8)) == [("a", 0), ("b", 1)]
+            _one_line_error(lambda: data.make_dataset(root, "train", 8), "no train/ folder")
+
+
+def test_image_folder_carves_an_interleaved_held_out_split_never_trained_on():
+    import warnings
+    with tempfile.TemporaryDirectory() as d:
+        phone = os.path.join(d, "phone")
+        _files_at(phone, [f"IMG_{i:04d}.jpg" for i in range(28)])
+        train, held = data.make_dataset(phone, "train", 8), data.make_dataset(phone, "val", 8)
+        assert train.classes == held.classes == ["phone"] and train.layout.startswith("a flat folder")
+        assert [n for n, _ in _items(held)] == [f"IMG_{i:04d}" for i in range(3, 28, 4)]   # every 4th: 7
+        assert not {p for p, _ in train.samples} & {p for p, _ in held.samples} and len(train) == 21
+        # classes carved alike, interleaved (3 classes of 20: every 6th holds out 9, at least 8)
+        folders = os.path.join(d, "folders")
+        _files_at(folders, [f"{c}/{c}{i:02d}.png" for c in "bca" for i in range(20)])
+        train, held = data.make_dataset(folders, "train", 8), data.make_dataset(folders, "val", 8)
+        assert held.layout == "class folders, every 6th image of each class held out" and len(train) == 51
+        assert _items(held) == [(f"{c}{i:02d}", y) for i in (5, 11, 17) for y, c in enumerate("abc")]
+        assert not {p for p, _ in train.samples} & {p for p, _ in held.samples}
+        sub = data.make_dataset(folders, "val", 8, num_classes=2, per_class=1)
+        assert _items(sub) == [("a05", 0), ("b05", 1)]
+        assert len(data.make_dataset(folders, "train", 8, num_classes=2, per_class=30)) == 34
+        # loose photos beside a sub-folder: one more class, said in a warning
+        _files_at(phone, ["edited/e0.jpg", "edited/e1.jpg"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, held = data.make_dataset(phone, "train", 8), data.make_dataset(phone, "val", 8)
+        assert train.classes == ["edited", "phone"] and len(train) + len(held) == 30
+        assert any("28 images lie beside 1 class folders" in str(w.message) for w in caught)
+
+
+def test_tokenizer_datasets_subset_both_splits_and_show_the_first_held_out_images():
+    with tempfile.TemporaryDirectory() as d:  # 3 classes x 8 images, no val/: every 4th held out (6 images)
+        _files_at(d, [f"{c}/{c}{i}.png" for c in "abc" for i in range(8)])
+        cfg = train_tokenizer.TrainConfig(size="toy", data=d, per_class=1)
+        train, held, shown = train_tokenizer.datasets(cfg, "cpu")
+        assert _items(train) == [("a0", 0), ("b0", 1), ("c0", 2)]
+        assert _items(held) == [("a3", 0), ("b3", 1), ("c3", 2)]                       # per_class on both
+        assert shown.shape == (8, 3, 64, 64) and torch.equal(shown[3], held[0][0])       # 3 images, repeated
+        assert len({x.sum().item() for x in shown}) == 3
 
 
 def test_train_batches_are_a_function_of_seed_rank_and_step():
@@ -1397,7 +1562,7 @@ def test_image_folder_uses_odd_images_and_skips_bad_files_with_a_count():
                    in str(w.message)
                    for w in caught), [str(w.message) for w in caught]
         assert train.classes == val.classes == ["a", "b", "empty_class"]
-        assert len(train) + len(val) == 13 and len(val) == 2                   # a held-out image per class of >= 2
+        assert len(train) + len(val) == 13 and len(val) == 3                   # every 4th image of each class
         seen = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -143,12 +143,12 @@ def validate(cfg):
 
 
 def datasets(cfg, device):
-    """-> the training and held-out sets at the preset's resolution, and 8 held-out images (8, 3, S, S) to show."""
+    """-> the training and held-out sets at the preset's resolution (the same classes and per-class subset), and
+    8 held-out images (8, 3, S, S) to show: the first 8, which interleave the classes (repeated if fewer)."""
     size = TOKENIZER_PRESETS[cfg.size].image_size
     train_set = data.make_dataset(cfg.data, "train", size, cfg.seed, cfg.num_classes, cfg.per_class)
-    val_set = data.make_dataset(cfg.data, "val", size, cfg.seed, cfg.num_classes)
-    # spread over the set
-    return train_set, val_set, torch.stack([val_set[i * len(val_set) // 8][0] for i in range(8)]).to(device)
+    val_set = data.make_dataset(cfg.data, "val", size, cfg.seed, cfg.num_classes, cfg.per_class)
+    return train_set, val_set, torch.stack([val_set[i % len(val_set)][0] for i in range(8)]).to(device)
 
 # -----------------------------------------------------------------------------------------------------------
 # The frozen helpers: the DINOv2 teacher (semantic regularization, Sec. 3.2) and the LPIPS network.
@@ -264,8 +264,8 @@ def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, de
     return (f"tokenizer {cfg.size}: {count(tok) / 1e6:.2f}M params (" + ", ".join(
         f"{k} {count(m) / 1e6:.2f}M" for k, m in parts.items()) + f", quantizer+projections {other / 1e6:.3f}M; "
         f"decoder includes the semantic head); discriminator {count(disc) / 1e6:.2f}M\n"
-        f"data {cfg.data}: {len(train_set)} training / {len(val_set)} held-out images of {len(train_set.classes)}"
-        f" classes at {tok.cfg.image_size}px; {cfg.batch_size} images per step = {world} processes x "
+        f"data {cfg.data} ({train_set.layout}): {len(train_set)} training / {len(val_set)} held-out images of "
+        f"{len(train_set.classes)} classes at {tok.cfg.image_size}px; {cfg.batch_size} images per step = {world} processes x "
         f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}\n"
         f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'}; "
         f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
