@@ -546,15 +546,18 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
 
 
 def first_of_one_class(data, k):
-    """The first k images of the first class that has k of them (among the first 2000) -> ((k, 3, H, W), label)."""
+    """The first k images of the first class that has k of them -> ((k, 3, H, W), label). An image folder's labels
+    are read from its file list, without decoding (its held-out images interleave the classes); otherwise from the
+    first 2000 items."""
+    labels = [y for _, y in data.samples] if hasattr(data, "samples") else \
+        [int(data[i][1]) for i in range(min(len(data), 2000))]
     by_class = {}
-    for i in range(min(len(data), 2000)):
-        x, y = data[i]
-        by_class.setdefault(int(y), []).append(x)
-        if len(by_class[int(y)]) == k:
-            return torch.stack(by_class[int(y)]), int(y)
-    y = max(by_class, key=lambda c: len(by_class[c]))
-    return torch.stack(by_class[y]), y
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+        if len(by_class[y]) == k:
+            break
+    y = max(by_class, key=lambda c: len(by_class[c]))  # the first to reach k, else the largest
+    return torch.stack([data[i][0] for i in by_class[y]]), y
 
 
 @torch.no_grad()
