@@ -32,8 +32,9 @@ import runtime
 
 
 def pixel_values(x):
-    """Float images in [-1, 1] -> uint8 tensor of the same shape and device, rounded as the official code saves PNGs
-    (127.5 x + 128, clamped, truncated: +128, not +127.5). Every PNG and pixel metric of the project uses this."""
+    """Float images in [-1, 1] -> uint8 tensor of the same shape and device, rounded as the official code
+    saves PNGs (tokenizer/tokenizer_image/reconstruction_ddp.py, inherited from LlamaGen): 127.5 x + 128,
+    clamped, truncated (+128, not +127.5). Every PNG and pixel metric of the project uses this."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -44,14 +45,15 @@ def to_uint8(x):
 
 def to_tensor(img):
     """(H, W, 3) uint8 array or RGB PIL image -> (3, H, W) float in [-1, 1]"""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()  # (H, W, 3) -> (3, H, W)
+    # (H, W, 3) -> (3, H, W)
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return a / 127.5 - 1
 
 
 def psnr(a, b):
-    """PSNR in dB of uint8 images (numpy arrays or tensors, any layout): one image -> float, a batch (B, ...) ->
-    (B,) float64 numpy, one per image. Computed in float64 on the CPU, which is exact for uint8 values: equals
-    skimage.metrics.peak_signal_noise_ratio (data range 255), and inf for identical images."""
+    """PSNR in dB of uint8 images (numpy arrays or tensors, any layout): one image -> float, a batch
+    (B, ...) -> (B,) float64 numpy, one per image. Computed in float64 on the CPU, which is exact for uint8
+    values: equals skimage.metrics.peak_signal_noise_ratio (data range 255), and inf for identical images."""
     # exact: integers
     a, b = (torch.as_tensor(np.asarray(t.cpu() if torch.is_tensor(t) else t)).double() for t in (a, b))
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -62,15 +64,17 @@ def psnr(a, b):
 
 
 def image_grid(rows):
-    """rows: a list of (n, H, W, 3) uint8 arrays -> one (len(rows) * H, n * W, 3) array, rows top to bottom."""
-    return np.concatenate([np.concatenate(list(row), 1) for row in rows], 0)  # images side by side, rows stacked
+    """rows: a list of (n, H, W, 3) uint8 arrays -> one (len(rows) * H, n * W, 3) array, rows top to
+    bottom."""
+    # images side by side, rows stacked
+    return np.concatenate([np.concatenate(list(row), 1) for row in rows], 0)
 
 # -----------------------------------------------------------------------------------------------------------
 # The synthetic set: 10 classes of shapes and patterns, drawn on demand at any resolution (no download).
 # Item i is a pure function of (seed, split, i); class = i % 10.
 
-SYNTHETIC_CLASSES = ["circle", "square", "triangle", "ring", "cross", "star", "crescent", "stripes", "checker",
-                     "dots"]
+SYNTHETIC_CLASSES = ["circle", "square", "triangle", "ring", "cross", "star", "crescent",
+                     "stripes", "checker", "dots"]
 SYNTHETIC_SIZES = {"train": 10000, "val": 500}  # images per split (classes balanced: class = index % 10)
 
 
@@ -80,20 +84,22 @@ def _star_radius(alpha, outer=1.0, inner=0.45):
     b = inner * np.array([np.cos(np.pi / 5), np.sin(np.pi / 5)])  # the inner vertex, 36 degrees on
     e = b - a
     cross = lambda u, v: u[0] * v[1] - u[1] * v[0]
-    return cross(a, e) / (np.cos(alpha) * e[1] - np.sin(alpha) * e[0])  # where the ray at alpha meets edge a -> b
+    # where the ray at alpha meets the edge a -> b
+    return cross(a, e) / (np.cos(alpha) * e[1] - np.sin(alpha) * e[0])
 
 
-# Flat colours and centred, nearly upright shapes: simple enough that the toy AR model learns the classes in a few
-# CPU minutes (README, "The AR model").
+# Flat colours and centred, nearly upright shapes: simple enough that the toy AR model learns the classes
+# in a short CPU run (README, "The AR model").
 PALETTE = np.array([(0.9, 0.15, 0.15), (1.0, 0.6, 0.1), (0.95, 0.9, 0.2), (0.2, 0.7, 0.25), (0.15, 0.7, 0.85),
                     (0.15, 0.25, 0.8), (0.6, 0.25, 0.7), (0.95, 0.95, 0.95), (0.12, 0.12, 0.12)])
 
 
 def render_synthetic(index, split, size, seed=0):
-    """One procedurally drawn image, (size, size, 3) uint8, and its label: a shape or a pattern in one palette
-    colour on another. Shapes and checkers are nearly upright, shapes near the center with random scale; patterns
-    have random frequency, stripes and dots random orientation. A pure function of (seed, split, index); drawn at
-    `size` directly (edges anti-aliased to one pixel), so any resolution works."""
+    """One procedurally drawn image, (size, size, 3) uint8, and its label: a shape or a pattern in one
+    palette colour on another. Shapes and checkers are nearly upright, shapes near the center with random
+    scale; patterns have random frequency, stripes and dots random orientation. A pure function of
+    (seed, split, index); drawn at `size` directly (edges anti-aliased to one pixel), so any resolution
+    works."""
     label = index % len(SYNTHETIC_CLASSES)  # balanced classes
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])  # one generator per image
     t = (np.arange(size) + 0.5) / size * 2 - 1                 # pixel centers in [-1, 1]
@@ -107,7 +113,8 @@ def render_synthetic(index, split, size, seed=0):
     pattern = name in ("stripes", "checker", "dots")
     cx, cy = (0.0, 0.0) if pattern else rng.uniform(-0.1, 0.1, 2)
     r = rng.uniform(0.5, 0.7)
-    free = name in ("stripes", "dots")                         # any orientation; shapes and checkers nearly upright
+    # stripes and dots take any orientation; shapes and checkers stay nearly upright
+    free = name in ("stripes", "dots")
     th = rng.uniform(0, 2 * np.pi) if free else np.pi / 2 + rng.uniform(-0.25, 0.25)
     u = np.cos(th) * (X - cx) + np.sin(th) * (Y - cy)          # rotated coordinates
     v = -np.sin(th) * (X - cx) + np.cos(th) * (Y - cy)
@@ -117,8 +124,10 @@ def render_synthetic(index, split, size, seed=0):
         d = rad - r
     elif name == "square":
         d = np.maximum(np.abs(u), np.abs(v)) - 0.8 * r
-    elif name == "triangle":  # apex up (+u), so that its mirror image, the flip augmentation, is the same shape
-        d = np.max([np.cos(k) * u + np.sin(k) * v for k in np.pi / 3 + np.arange(3) * 2 * np.pi / 3], 0) - 0.6 * r
+    elif name == "triangle":
+        # apex up (+u), so that its mirror image (the flip augmentation) is the same shape
+        d = np.max([np.cos(k) * u + np.sin(k) * v
+                    for k in np.pi / 3 + np.arange(3) * 2 * np.pi / 3], 0) - 0.6 * r
     elif name == "ring":
         d = np.abs(rad - 0.75 * r) - 0.22 * r
     elif name == "cross":
@@ -167,7 +176,8 @@ class SyntheticImages:
         return len(self.index)
 
     def __getitem__(self, i):
-        img, y = render_synthetic(self.index[i], self.split, self.size, self.seed)  # (S, S, 3) uint8, drawn now
+        # (S, S, 3) uint8, drawn now
+        img, y = render_synthetic(self.index[i], self.split, self.size, self.seed)
         return to_tensor(img), y
 
     def train_item(self, i, rng):
@@ -177,15 +187,16 @@ class SyntheticImages:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Image folders: the layouts of ImageNet, Tiny ImageNet, class folders, any folder of photos; the official crops.
+# Image folders: the layouts of ImageNet, Tiny ImageNet, class folders, any folder of photos; the official
+# crops (dataset/augmentation.py in SilentView/GigaTok).
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 _unreadable = [0]  # images this process could not decode
 
 
 def open_rgb(path):
-    """An image file in any Pillow mode -> an RGB image: its EXIF orientation applied, transparency composited over
-    white, 16-bit and float images scaled to 8 bits (convert("RGB") alone would clip them)."""
+    """An image file in any Pillow mode -> an RGB image: its EXIF orientation applied, transparency
+    composited over white, 16-bit and float images scaled to 8 bits (convert("RGB") alone would clip them)."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)                     # phone photos: upright, as a viewer shows them
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -193,17 +204,19 @@ def open_rgb(path):
             a = a / 257 if a.max() > 255 else a * 255 if a.max() <= 1 else a   # 16-bit, or floats in [0, 1]
             img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))  # rounded to 8 bits
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))  # over white
+            # over white
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         return img.convert("RGB")
 
 
 def resize_short_side(img, s):
     """Resize so that the short side is s: halve with BOX while the image is >= 2x too big, then BICUBIC
-    (as the official center_crop_arr / random_crop_arr)."""
+    (as the official center_crop_arr / random_crop_arr, dataset/augmentation.py)."""
     while min(img.size) >= 2 * s:  # BOX halving first: cheap, and alias-free
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = s / min(img.size)
-    return img.resize(tuple(max(s, round(x * scale)) for x in img.size), resample=Image.BICUBIC)  # short side exactly s
+    # the short side exactly s
+    return img.resize(tuple(max(s, round(x * scale)) for x in img.size), resample=Image.BICUBIC)
 
 
 def center_crop(img, s):
@@ -213,10 +226,12 @@ def center_crop(img, s):
 
 
 def random_crop(img, s, rng):
-    """The official training augmentation (random_crop_arr): the short side resized to a random size in
-    [s, 1.25 s] (crop fraction 0.8-1), a random s x s crop, a horizontal flip half of the time."""
+    """The official training augmentation (random_crop_arr, dataset/augmentation.py): the short side resized
+    to a random size in [s, 1.25 s] (crop fraction 0.8-1), a random s x s crop, a horizontal flip half of the
+    time."""
     img = resize_short_side(img, int(rng.integers(s, math.ceil(s * 1.25) + 1)))  # a random zoom
-    left, top = int(rng.integers(0, img.size[0] - s + 1)), int(rng.integers(0, img.size[1] - s + 1))  # a random window
+    # a random window
+    left, top = int(rng.integers(0, img.size[0] - s + 1)), int(rng.integers(0, img.size[1] - s + 1))
     img = img.crop((left, top, left + s, top + s))  # (left, upper, right, lower)
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else img
 
@@ -448,8 +463,8 @@ class ImageFolder:
         return len(self.samples)
 
     def load(self, i):
-        """-> (RGB PIL image, label). An unreadable file (truncated, corrupt, empty, not an image) is counted in a
-        warning and replaced by the next one, so a run never stops on a bad file."""
+        """-> (RGB PIL image, label). An unreadable file (truncated, corrupt, empty, not an image) is counted
+        in a warning and replaced by the next one, so a run never stops on a bad file."""
         for k in range(len(self.samples)):
             path, y = self.samples[(i + k) % len(self.samples)]
             try:
@@ -471,31 +486,36 @@ class ImageFolder:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The batch stream: a pure function of (seed, rank, step), so a resumed run sees the batches it would have seen.
+# The batch stream: a pure function of (seed, rank, step), so a resumed run sees the batches it would have
+# seen.
 
 def make_dataset(data, split, size, seed=0, num_classes=0, per_class=0):
     """data: "synthetic" or an ImageFolder root; split: "train" or "val"; size: image side in pixels."""
     if data == "synthetic":  # drawn on demand: no files, any resolution
         return SyntheticImages(split, size, seed, num_classes, per_class)
-    return ImageFolder(data, split, size, num_classes, per_class)  # a folder of photos (ImageNet's layout, or flat)
+    # a folder of photos (ImageNet's layout, or flat)
+    return ImageFolder(data, split, size, num_classes, per_class)
 
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(n, epoch, seed):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()   # (n,)
+    # (n,): the order in which epoch `epoch` visits the n images
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
 
 
 def stream_indices(n, start, count, seed):
-    """The images at positions start .. start+count-1 of the stream that walks through one random permutation of
-    the n images per epoch (position p is image order_{p // n}[p % n]) -> (count,) int array."""
-    return np.array([_epoch_order(n, p // n, seed)[p % n] for p in range(start, start + count)], dtype=np.int64)
+    """The images at positions start .. start+count-1 of the stream that walks through one random
+    permutation of the n images per epoch (position p is image order_{p // n}[p % n]) -> (count,) int
+    array."""
+    return np.array([_epoch_order(n, p // n, seed)[p % n] for p in range(start, start + count)],
+                    dtype=np.int64)
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    """Item k = this process's k-th micro-batch (k = step * grad_accum + micro): the images at global stream
-    positions [(k * world + rank) * batch, ... + batch) (see stream_indices), each augmented with its own
-    generator seeded by (seed, position). A pure function of (seed, rank, k), so a resumed run sees exactly the
-    batches it would have seen."""
+    """Item k = this process's k-th micro-batch (k = step * grad_accum + micro): the images at global
+    stream positions [(k * world + rank) * batch, ... + batch) (see stream_indices), each augmented with its
+    own generator seeded by (seed, position). A pure function of (seed, rank, k), so a resumed run sees
+    exactly the batches it would have seen."""
 
     def __init__(self, dataset, batch, rank=0, world=1, seed=0):
         self.dataset, self.batch, self.rank, self.world, self.seed = dataset, batch, rank, world, seed
@@ -513,23 +533,23 @@ class TrainBatches(torch.utils.data.Dataset):
 def train_batches(dataset, batch, rank=0, world=1, seed=0, start=0, num_workers=0):
     """Iterator over this process's micro-batches k = start, start + 1, ... (see TrainBatches), loaded by
     num_workers background processes."""
-    # each item is a whole batch
+    # Each item is a whole batch (batch_size=None); the sampler yields k = start, start + 1, ...
     return iter(torch.utils.data.DataLoader(TrainBatches(dataset, batch, rank, world, seed), batch_size=None,
-                                            # k = start, start+1, ...
                                             sampler=itertools.count(start), num_workers=num_workers,
                                             pin_memory=torch.cuda.is_available(),
                                             persistent_workers=num_workers > 0))
 
 
 def in_order(dataset, lo, hi, batch, num_workers=0):
-    """Iterable over the items lo .. hi-1 of dataset in order, `batch` at a time: (x (b, ...), y (b,)), loaded by
-    num_workers background processes (the DataLoader keeps the order). Code extraction and evaluation read this."""
+    """Iterable over the items lo .. hi-1 of dataset in order, `batch` at a time: (x (b, ...), y (b,)),
+    loaded by num_workers background processes (the DataLoader keeps the order). Code extraction and
+    evaluation read this."""
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
 def workers(n, device):
-    """The flag --num-workers: n, or for -1 six loading processes on CUDA (decoding JPEGs would starve the GPU)
-    and none on a CPU, whose cores are the compute."""
+    """The flag --num-workers: n, or for -1 six loading processes on CUDA (decoding JPEGs would starve the
+    GPU) and none on a CPU, whose cores are the compute."""
     return (6 if torch.device(device).type == "cuda" else 0) if n < 0 else n
 
