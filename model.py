@@ -808,8 +808,9 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
         try:
             if path:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            with contextlib.redirect_stdout(io.StringIO()):  # torch.hub prints "Downloading: ..." even when offline
-                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+            # torch.hub says what it downloads, and its size as a progress bar; a second run reads its cache
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True,
+                                                      weights_only=True)
         except Exception as e:  # offline, a missing or broken file: one line that says what failed
             reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
             raise RuntimeError(f"could not load the {what} from {path or url} ({type(e).__name__}: {reason})") from None

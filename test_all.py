@@ -993,9 +993,9 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
 # ---- train_tokenizer.py ----
 
 def _tok_run(out_dir, **kw):
-    """train_tokenizer.main on the toy, offline (no teacher, no LPIPS), tiny batches; -> (result, log rows)."""
+    """train_tokenizer.main on the toy (no teacher, no LPIPS: its defaults), tiny batches: (result, rows)"""
     cfg = train_tokenizer.TrainConfig(**{**dict(out_dir=out_dir, batch_size=2, warmup=0, log_interval=1,
-                                      image_interval=10 ** 6, eval_images=4, teacher="none", lpips=False, device="cpu"), **kw})
+                                      image_interval=10 ** 6, eval_images=4, device="cpu"), **kw})
     result = train_tokenizer.main(cfg)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         import json
@@ -1201,7 +1201,11 @@ def test_teacher_through_local_hub_repo_is_frozen_and_semantic_loss_is_direct():
         with open(os.path.join(repo, "hubconf.py"), "w") as f:
             f.write(TINY_HUBCONF)
         out = os.path.join(d, "run")
-        result, rows = _tok_run(out, max_steps=3, teacher="tiny_vit", teacher_repo=repo)
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):  # the toy asks for a teacher with the paper's weight
+            result, rows = _tok_run(out, max_steps=3, teacher="tiny_vit", teacher_repo=repo,
+                                    semantic_weight=0.5)
+        assert "xFormers" not in buf.getvalue()  # DINOv2's warnings at import, silenced
         teacher, tok = result["teacher"], result["tokenizer"]
         assert teacher is not None and all(-1 <= r["semantic"] <= 1 and r["semantic"] != 0 for r in rows)  # -mean cos
         fresh = torch.hub.load(repo, "tiny_vit", source="local")
@@ -1248,20 +1252,31 @@ def test_init_from_fills_a_new_run_from_an_official_checkpoint():
             assert "does not fit" in str(e), e
 
 
-def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
+def test_helpers_load_only_when_their_weight_asks_and_a_missing_one_stops_the_run():
     with tempfile.TemporaryDirectory() as d:
-        cfg = train_tokenizer.TrainConfig(size="s-s", out_dir=d, teacher_repo=os.path.join(d, "absent"), lpips=False,
+        absent = os.path.join(d, "absent")
+        cfg = train_tokenizer.TrainConfig(size="s-s", out_dir=d, teacher_repo=absent, perceptual_weight=0.0,
                                           device="cpu", max_steps=0, batch_size=1)
-        try:
-            train_tokenizer.main(cfg)
-            raise AssertionError("a paper preset trained without its teacher")
-        except SystemExit as e:
-            assert "teacher none" in str(e) and "teacher-repo" in str(e)
-        import contextlib, io
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            result, _ = _tok_run(os.path.join(d, "toy"), max_steps=1, teacher="", teacher_repo=os.path.join(d, "absent"))
-        assert result["teacher"] is None and "warning: could not load the DINOv2 teacher" in buf.getvalue()
+        toy = os.path.join(d, "toy")
+        # the paper's preset (on by default), the toy opted in to each
+        for run, says in ((lambda: train_tokenizer.main(cfg), "--semantic-weight 0"),
+                          (lambda: _tok_run(toy, max_steps=1, semantic_weight=0.5, teacher_repo=absent),
+                           "--semantic-weight 0"),
+                          (lambda: _tok_run(toy, max_steps=1, perceptual_weight=1.0, vgg_path=absent),
+                           "--perceptual-weight 0")):
+            try:
+                run()
+                raise AssertionError("trained without the helper its weight asked for")
+            except runtime.UserError as e:
+                assert says in str(e) and "could not load" in str(e), e
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # the toy's defaults: neither helper, nothing looked for
+            result, rows = _tok_run(os.path.join(d, "toy2"), max_steps=1, teacher_repo=absent,
+                                    vgg_path=absent)
+        assert result["teacher"] is None and "teacher: off (semantic weight 0); LPIPS: off" in out.getvalue()
+        assert rows[-1]["lpips"] == rows[-1]["semantic"] == 0.0
+        paper = train_tokenizer.resolve(train_tokenizer.TrainConfig(size="xl-xxl"))
+        assert (paper.perceptual_weight, paper.semantic_weight) == (1.0, 0.5)  # the paper's recipe (spec 4.1)
 
 
 # ---- reliability: bad flags, bad files, bad numbers, kills and restarts ----
@@ -1478,7 +1493,7 @@ def test_resume_accepts_changed_training_fields_and_names_changed_architecture_f
 def _toy_command(out_dir, *extra):
     return [sys.executable, "train_tokenizer.py", "--out-dir", out_dir, "--batch-size", "2", "--max-steps", "12",
             "--ckpt-interval", "1", "--log-interval", "1", "--image-interval", "1000", "--eval-images", "2",
-            "--teacher", "none", "--lpips", "false", "--threads", "1", "--per-class", "2", *extra]
+            "--threads", "1", "--per-class", "2", *extra]
 
 
 def test_weight_average_is_the_moving_average_and_the_weights_come_back_exactly():
@@ -1555,8 +1570,7 @@ def test_two_gloo_processes_equal_one_at_twice_the_batch_with_and_without_grad_a
     # On the 2D toy: in the 1D toy some gradient elements sit at rounding level, and AdamW turns their reduction-order
     # differences (1e-7) into lr-sized steps of either sign (measured: 1.7e-4 apart after 2 steps at lr 1e-4)
     with tempfile.TemporaryDirectory() as d:
-        common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--teacher", "none", "--lpips", "false",
-                  "--threads", "1",
+        common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--threads", "1",
                   "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000", "--log-interval", "1"]
         for name, n, extra in [("one", 1, ["--batch-size", "4"]), ("two", 2, ["--batch-size", "4"]),
                                ("one-8", 1, ["--batch-size", "8"]), ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
@@ -1583,8 +1597,8 @@ def _pids_running(text):
 def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkpoint():
     import signal
     with tempfile.TemporaryDirectory() as d:
-        common = ["--batch-size", "4", "--max-steps", "15", "--ckpt-interval", "5", "--eval-images", "2", "--teacher",
-                  "none", "--lpips", "false", "--threads", "1", "--entropy-weight", "0", "--per-class", "2",
+        common = ["--batch-size", "4", "--max-steps", "15", "--ckpt-interval", "5", "--eval-images", "2",
+                  "--threads", "1", "--entropy-weight", "0", "--per-class", "2",
                   "--image-interval", "1000", "--log-interval", "1"]
         out = os.path.join(d, "restarted")
         # one worker: a restarted pair of gloo workers can time out connecting to each other on a loaded machine
@@ -1679,7 +1693,7 @@ def _ckpt(folder):
 # the toy tokenizer, 3 steps of 4 images, offline; a constant lr of 1e-4: at its first steps AdamW moves every weight
 # by about lr whatever the gradient's size, so the rounding of tiny gradients (a sum over 4 images, or two over 2)
 # shows in the weights at ~lr/10; at lr 1e-3 one and two processes differ by 1e-4 (DDP exactly as FSDP)
-TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, teacher="none", lpips="false", eval_images=2, per_class=2,
+TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, eval_images=2, per_class=2,
                entropy_weight=0.0, warmup=0, lr=1e-4, end_lr=1e-4, log_interval=1, image_interval=10 ** 6)
 
 
@@ -1870,7 +1884,7 @@ def test_memory_plan_activations_match_a_measured_cpu_peak():
                                        str(int(checkpointing))], env=env, capture_output=True, text=True,
                                       check=True).stdout.split()[-1])
         cfg = train_tokenizer.validate(train_tokenizer.resolve(train_tokenizer.TrainConfig(
-            batch_size=8, disc_start=0, aux_loss_end=10, checkpointing=checkpointing)))
+            batch_size=8, disc_start=0, aux_loss_end=10, checkpointing=checkpointing, perceptual_weight=1.0)))
         line = train_tokenizer.memory_plan(cfg, 1, "fp32", with_teacher=False)
         planned = [v for k, v in _plan_numbers(line).items() if k.startswith("activations")][0]
         assert 0.8 <= planned / measured <= 1.25, (checkpointing, planned / 2 ** 20, measured / 2 ** 20)
