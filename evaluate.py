@@ -659,8 +659,12 @@ def main(cfg: EvalConfig):
                         (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"),
                         (cfg.threads >= 0, "threads", "0 or more"),
                         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
-                        *[(not p or os.path.exists(p), k, "no such file or folder") for k, p in
+                        *[(not p or os.path.exists(p) or (k in ("tokenizer", "ckpt") and model.is_url(p)), k,
+                           "no such file or folder") for k, p in
                           (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
+    for p in cfg.reconstruct:
+        if not os.path.isfile(p):
+            raise runtime.UserError(f"--reconstruct {p}: no such file")
     # the flags first: a wrong path is one line before Inception or a checkpoint is read
     if cfg.samples:  # before any loading: a folder without images, or a file of another format, is one line
         generation_inputs(cfg.samples, cfg.ref)

@@ -29,8 +29,9 @@ from data import image_grid, to_uint8
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint (ours from train_ar.py, or an official GigaTok gpt_1d one)
-    tokenizer: str = ""               # tokenizer checkpoint; "" = the one the AR model was trained on
+    ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint or URL (ours from train_ar.py, or an official GigaTok
+                                      # gpt_1d one)
+    tokenizer: str = ""               # tokenizer checkpoint or URL; "" = the one the AR model was trained on
     cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 3, else 4)
     cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
     step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
@@ -157,7 +158,7 @@ def grid_classes(cfg, num_classes):
 
 def load_models(cfg, device):
     """-> (the AR model, the tokenizer it was trained on, class names, cfg with the model's guidance scale)"""
-    if not os.path.exists(cfg.ckpt):
+    if not (os.path.exists(cfg.ckpt) or model.is_url(cfg.ckpt)):
         raise runtime.UserError(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
     ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
@@ -184,6 +185,8 @@ def main(cfg: SampleConfig):
     autocast = runtime.autocast_for(cfg.precision, device)[1]
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # each process its own stream
     stats = dict(tokens=0, seconds=0.0)
+    # the outputs go beside the checkpoint (a URL's: under out/)
+    here = os.path.join("out", os.path.basename(cfg.ckpt)) if model.is_url(cfg.ckpt) else cfg.ckpt
 
     def images_for(labels):  # (B,) class ids -> (B, H, W, 3) uint8
         t0 = time.time()
@@ -199,13 +202,14 @@ def main(cfg: SampleConfig):
 
     if cfg.num_samples == 0:  # a labelled grid, one row per class
         classes = grid_classes(cfg, gpt.cfg.num_classes)
-        out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png")
+        out = cfg.out or os.path.join(os.path.dirname(here), "samples.png")
         if rank == 0:  # one small grid: sampled once, by the main process
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
                     for c in tqdm(classes, desc="sampling", disable=rank != 0)]
             labelled_grid(rows, [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]).save(out)
     else:  # num_samples images, classes uniformly at random (official), sharded over the processes
-        out = cfg.out or os.path.splitext(cfg.ckpt)[0] + f"-samples-{cfg.num_samples}"
+        out = cfg.out or os.path.splitext(here)[0] + f"-samples-{cfg.num_samples}"
         os.makedirs(out, exist_ok=True)
         # the same labels on every rank
         labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,), generator=torch.Generator().manual_seed(cfg.seed))

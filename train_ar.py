@@ -328,7 +328,7 @@ def plan_only(cfg):
     """--plan true (runtime.plan_only). The vocabulary and length are the tokenizer checkpoint's when it names them,
     else the paper's (16384 codes x 256 tokens)."""
     tcfg = (model.read_checkpoint(cfg.tokenizer).get("config") or {}).get("tokenizer") \
-        if os.path.exists(cfg.tokenizer) else None
+        if os.path.exists(cfg.tokenizer) or model.is_url(cfg.tokenizer) else None
     tcfg = model.TokenizerConfig(**tcfg) if tcfg else model.TokenizerConfig()  # the paper's: 16384 codes, 256 tokens
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
                                num_classes=cfg.num_classes or GPT_PRESETS[cfg.gpt].num_classes)
@@ -345,7 +345,7 @@ def main(cfg: ARConfig):
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
     precision, autocast = runtime.autocast_for(cfg.precision, device)
-    if not os.path.exists(cfg.tokenizer):
+    if not (os.path.exists(cfg.tokenizer) or model.is_url(cfg.tokenizer)):
         raise runtime.UserError(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
                          f"for the toy), or pass --tokenizer <ours or an official GigaTok checkpoint>")
     tok = model.load_tokenizer(cfg.tokenizer, device=device)  # eval mode, frozen; encodes in fp32 as official
