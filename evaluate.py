@@ -36,7 +36,7 @@ import model
 import runtime
 from data import image_grid, psnr, to_uint8   # the project's one PSNR (float64, as scikit-image) lives in data.py
 from runtime import all_reduce
-from train_ar import ARConfig, code_cache
+from train_ar import ARConfig, check_tokenizer, code_cache
 
 # -----------------------------------------------------------------------------------------------------------
 # Pixel metrics on saved (uint8) images: PSNR (data.psnr) and SSIM
@@ -587,9 +587,17 @@ def pca_picture(tok, x, path):
 
 @dataclass
 class EvalConfig:
-    tokenizer: str = ""         # tokenizer checkpoint (ours or official): reconstruction report + PCA picture
-    data: str = "synthetic"     # images to reconstruct: "synthetic" (embedded set) or an ImageFolder root; probe:
-                                # the AR model's own data (official AR checkpoints: this)
+    tokenizer: str = ""         # tokenizer checkpoint or URL (ours or official): reconstruction report + PCA
+                                # picture
+    data: str = ""              # images to reconstruct: "" = what the tokenizer was trained on (its
+                                # checkpoint says; an official one: synthetic), "synthetic" (embedded set) or
+                                # an ImageFolder root; probe: the AR model's own data (official AR
+                                # checkpoints: this)
+    reconstruct: tuple = ()     # image files (comma-separated): each beside its reconstruction by
+                                # --tokenizer, with its PSNR, in <out-dir>/reconstruct.png (instead of the
+                                # report)
+    num_classes: int = 0        # reconstruct only the first N classes of the data (0 = all; with --data "":
+                                # the tokenizer's)
     split: str = "val"          # split to reconstruct (the paper: ImageNet val, 50k, center crop)
     num_images: int = 0         # reconstruct only the first n images of the split; 0 = all
     samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation report
@@ -688,6 +696,11 @@ def main(cfg: EvalConfig):
         gpt = model.load_gpt(ckpt, device=device)
     tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")  # an AR checkpoint names its tokenizer
     tok = model.load_tokenizer(tok_path, device=device) if tok_path else None  # eval mode, fp32 as official
+    # --data "": what the tokenizer was trained on
+    cfg, data_from, tok_classes = runtime.trained_data(
+        cfg, model.read_checkpoint(tok_path).get("config") if tok_path else None, "the tokenizer checkpoint")
+    if cfg.ckpt and tok is not None:  # the probe's codes must be the tokenizer's whose codes the GPT learned
+        check_tokenizer(tok, tok_path, gpt_config, cfg.ckpt)
 
     if cfg.tokenizer:
         lpips = None
@@ -697,7 +710,12 @@ def main(cfg: EvalConfig):
                 lpips = lpips.to(device).eval()
             except RuntimeError as e:
                 notes.append(f"LPIPS skipped: {e}; pass --vgg-path and --lpips-lin-path (local files)")
-        images = data.make_dataset(cfg.data, cfg.split, tok.cfg.image_size)          # center crop, [-1, 1]
+        # center crops, [-1, 1]
+        images = data.make_dataset(cfg.data, cfg.split, tok.cfg.image_size, num_classes=cfg.num_classes)
+        runtime.check_classes(images.classes, tok_classes, cfg.data, "the tokenizer")
+        if master:
+            print(f"data {cfg.data}{data_from}: {len(images)} {cfg.split} images of {len(images.classes)} "
+                  f"classes")
         rec = dict(data=cfg.data, **reconstruction_report(tok, images, cfg, device, rank, world, inception, lpips,
                                                            out_dir))
         if cfg.pca and master:

@@ -242,6 +242,33 @@ def get_lr(step, lr, warmup, total, end_lr=0.0, schedule="cosine", decay_frac=0.
     return lr if step < hold else lr * max(0.0, 1 - math.sqrt((step - hold) / decay))
 
 
+def trained_data(cfg, config, source):
+    """--data "" means the data that a checkpoint was trained on (its config's "dataset", which
+    train_tokenizer.py writes, or else its "train" fields), with that run's --num-classes when the flag is 0;
+    one that does not say (an official checkpoint) means the synthetic set. A folder is made absolute.
+    -> (cfg, where the data came from, for the start-up line, the class ids that the data must still have
+    (None: not checked))."""
+    if cfg.data:
+        folder = cfg.data if cfg.data == "synthetic" else os.path.abspath(cfg.data)
+        return dataclasses.replace(cfg, data=folder), "", None
+    record = (config or {}).get("dataset") or (config or {}).get("train") or {}
+    if "data" not in record:
+        return dataclasses.replace(cfg, data="synthetic"), f" ({source} does not name its data)", None
+    num_classes = cfg.num_classes or record.get("num_classes", 0)
+    same_classes = num_classes == record.get("num_classes", 0)  # else a subset of them: not compared
+    return (dataclasses.replace(cfg, data=record["data"], num_classes=num_classes), f" (from {source})",
+            config.get("classes") if same_classes else None)
+
+
+def check_classes(found, expected, data, source):
+    """A UserError when the class ids found in the data are not the ones the checkpoint was trained on."""
+    if expected is not None and list(found) != list(expected):
+        short = lambda c: ", ".join(c[:5]) + (f", ... ({len(c)} in all)" if len(c) > 5 else "")
+        raise UserError(f"--data {data} has the classes {short(list(found))}, but {source} was trained on "
+                        f"{short(list(expected))}: the folder changed since; pass --data (and --num-classes) "
+                        f"to use it anyway, or train the tokenizer on it again")
+
+
 def same(a, b):
     """Config dicts compare equal when they would be written equal (tuples and lists alike)."""
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
@@ -259,7 +286,9 @@ def resume(path, parts, identity, train, master):
     for key, value in identity.items():  # e.g. {"tokenizer": the architecture's config dict}
         theirs = ckpt["config"].get(key)  # what the checkpoint was made with
         if not same(theirs, value):
-            fields = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in value.items() if not same(theirs.get(k), v)] \
+            short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:56] + " ..."  # 1000 ids: a few
+            fields = [f"{k} {short(theirs.get(k))} -> {short(v)}" for k, v in value.items()
+                      if not same(theirs.get(k), v)] \
                 if isinstance(value, dict) and isinstance(theirs, dict) else []
             raise UserError(f"{path} was made with another {key.replace('_', ' ')}" + (f" ({', '.join(fields)})"
                             if fields else "") + ": pass --fresh, or another --out-dir")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import model
 import runtime
 from data import image_grid, to_uint8
+from train_ar import check_tokenizer
 
 
 @dataclass
@@ -174,7 +175,12 @@ def load_models(cfg, device):
     if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
         raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not "
                          f"fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
-    names = ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
+    check_tokenizer(tok, tok_path, ours, cfg.ckpt)  # the codes it writes are that tokenizer's
+    # human-readable names (train_ar.py records the data's: "goldfish" for n01443537), else the class ids
+    names = ours.get("names") or ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
+    if int(os.environ.get("RANK", 0)) == 0:  # the start-up line
+        print(f"AR model {cfg.ckpt}: {gpt.cfg.num_classes} classes of {trained.get('data', 'its data')}; "
+              f"tokenizer {tok_path}")
     return gpt, tok, names, cfg
 
 

@@ -125,7 +125,8 @@ def resolve(cfg):
         # e.g. S-S: 100 * 1.28M / 128 = 1.0M
         p["max_steps"] = p.pop("epochs") * IMAGENET_TRAIN_IMAGES // p["batch_size"]
     fill = {k: v for k, v in p.items() if getattr(cfg, k) in (-1, "")}  # only the fields left at "the preset's"
-    return dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/tokenizer-{cfg.size}", **fill)
+    data = cfg.data if cfg.data == "synthetic" else os.path.abspath(cfg.data)  # as the checkpoint records it
+    return dataclasses.replace(cfg, data=data, out_dir=cfg.out_dir or f"out/tokenizer-{cfg.size}", **fill)
 
 def validate(cfg):
     """Every training field in its range, before anything starts (the flag, its value and what is valid)."""
@@ -423,8 +424,13 @@ def main(cfg: TrainConfig):
     train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # idle: semantic head, shortcut
     opt, scaler, opt_d, scaler_d, ema, parts = optimizers(tok, disc, cfg, device, precision)  # after FSDP
     averaged = ema.applied if ema else nullcontext  # the weights to show, to measure and to hand on
-    step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master) if resuming else 0
-    config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)  # plain dicts
+    # what it learns from, which train_ar.py, sample.py and evaluate.py take as theirs: another data set in
+    # the same folder is another run, refused on resume as another architecture is
+    dataset = dict(data=cfg.data, num_classes=cfg.num_classes, per_class=cfg.per_class)
+    identity = dict(tokenizer=asdict(tok.cfg), dataset=dataset)
+    step = runtime.resume(ckpt_path, parts, identity, asdict(cfg), master) if resuming else 0
+    config = dict(tokenizer=asdict(tok.cfg), dataset=dataset, train=asdict(cfg), classes=train_set.classes,
+                  names=getattr(train_set, "names", train_set.classes))  # plain dicts; names: "goldfish", ...
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
     log.say(summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step))
