@@ -24,7 +24,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -92,12 +94,17 @@ def check(cfg, rules):
 
 
 def run(main, cfg):
-    """The scripts' entry point: main(the config from the command line); a UserError is one line on stderr."""
+    """The scripts' entry point: main(the config from the command line); a UserError is one line on stderr,
+    and so is Ctrl-C outside a training loop (inside one the trainer saves first: Interrupt), exit status 130
+    (the shell's)."""
     try:
         main(parse_config(cfg))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def parse_config(cfg, argv=None):
@@ -458,6 +465,37 @@ class BadSteps:
             raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "
                              f"steps in a row (lower --lr, or check the data); the last good checkpoint is "
                              f"{self.ckpt_path}, and rerunning the command continues from it")
+
+
+class Interrupt:
+    """Ctrl-C (SIGINT) in a training loop: a request to stop when the step in progress has ended, so that the
+    trainer saves the run at the step it reached (what a periodic save would write there) and the same command
+    continues it exactly. A second Ctrl-C stops at once, without saving. Made before the data loader's
+    processes start: forked, they inherit the handler and keep loading instead of dying of the signal.
+    stop(device) -> bool, called once per step by every process: whether any of them was interrupted."""
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # the second Ctrl-C
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True  # (nothing printed here: a print inside a print's write would fail)
+
+    def __call__(self, device):
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        return bool(all_reduce(flag, "max"))  # all the processes stop after the same step
+
+    def restore(self):
+        """The previous handler back; -> whether Ctrl-C was pressed."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+        return self.requested
 
 
 class EMA:

@@ -414,7 +414,8 @@ def main(cfg: ARConfig):
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
     t0, start = time.time(), step
-    while step < cfg.max_steps:
+    stop = runtime.Interrupt()  # Ctrl-C: the step in progress ends, then the run is saved
+    while step < cfg.max_steps and not stop(device):
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -440,6 +441,12 @@ def main(cfg: ARConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
+    if stop.restore():  # Ctrl-C: saved at the step reached, and the same command continues from there
+        save()
+        log.say(f"interrupted at step {step}, saved {ckpt_path}; run the same command"
+                f"{' without --fresh' if cfg.fresh else ''} to continue")
+        runtime.cleanup_distributed()
+        raise SystemExit(130)  # the shell's status for Ctrl-C
     val = evaluate() if val is None else val
     if master:
         print(f"validation cross-entropy {val:.4f} nats per code at step {step} (unigram entropy of the training "

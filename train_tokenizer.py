@@ -438,13 +438,14 @@ def main(cfg: TrainConfig):
         log.say(memory_plan(cfg, world, precision, teacher is not None, lpips is not None))
 
     # 2. the loop: a generator step (the tokenizer), then a discriminator step once the GAN has started
+    stop = runtime.Interrupt()  # Ctrl-C: the step in progress ends, the run is saved (made before the loader)
     batches = data.train_batches(train_set, micro, rank, world, cfg.seed, start=step * cfg.grad_accum,
                                  num_workers=data.workers(cfg.num_workers, device))
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
     t0, start = time.time(), step
-    while step < cfg.max_steps:
+    while step < cfg.max_steps and not stop(device):
         lr = runtime.get_lr(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.end_lr)  # warmup, then cosine to end_lr
         for group in opt.param_groups + opt_d.param_groups:  # one schedule for both networks
             group["lr"] = lr
@@ -485,6 +486,12 @@ def main(cfg: TrainConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
+    if stop.restore():  # Ctrl-C: saved at the step reached, and the same command continues from there
+        save()
+        log.say(f"interrupted at step {step}, saved {ckpt_path}; run the same command"
+                f"{' without --fresh' if cfg.fresh else ''} to continue")
+        runtime.cleanup_distributed()
+        raise SystemExit(130)  # the shell's status for Ctrl-C
     if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
         save()
     with averaged():
