@@ -13,7 +13,8 @@ Protocol (spec section 6, and README "Evaluation"):
 - FID features come from the pytorch-fid port of the 2015 TensorFlow Inception graph (written here,
   loading pytorch-fid's weights file), not from the TensorFlow evaluator itself; values differ slightly.
 
-    python evaluate.py --tokenizer out/tokenizer-toy/ckpt.pt        # reconstruction report, synthetic val set
+    python evaluate.py --tokenizer out/tokenizer-toy/ckpt.pt        # reconstruction report (its own data)
+    python evaluate.py --tokenizer <ckpt or URL> --reconstruct a.jpg,b.png   # your images, reconstructed
     python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # generation report
     python evaluate.py --ckpt out/ar-toy/ckpt.pt                    # AR linear probe (on the AR model's codes)
     torchrun --nproc_per_node=8 evaluate.py --tokenizer ... --data /data/imagenet/val   # sharded over processes
@@ -657,11 +658,37 @@ def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
                 val_images=len(feats["val"][0]), top1=acc, chance=100.0 / gpt.cfg.num_classes)
 
 
+@torch.no_grad()
+def reconstruct_files(tok, paths, out_dir, device):
+    """--reconstruct: each image center-cropped at the tokenizer's resolution (data.center_crop, as the
+    held-out images), beside its reconstruction through the codes, one row per image -> (the PNG's path,
+    [PSNR in dB])."""
+    from PIL import Image
+    S = tok.cfg.image_size
+    crops = []
+    for p in paths:
+        try:
+            crops.append(data.to_tensor(data.center_crop(data.open_rgb(p), S)))  # (3, S, S) in [-1, 1]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise runtime.UserError(f"--reconstruct {p}: not a readable image ({type(e).__name__}: {e})") \
+                from None
+    x = torch.stack(crops).to(device)                                                     # (n, 3, S, S)
+    rec = tok.decode(tok.encode(x)).float()
+    psnrs = psnr(data.pixel_values(rec), data.pixel_values(x))                # (n,), on the PNG's values
+    path = os.path.join(out_dir, "reconstruct.png")
+    rows = [np.stack(pair) for pair in zip(to_uint8(x), to_uint8(rec))]  # (2, S, S, 3): original, its rec.
+    Image.fromarray(image_grid(rows)).save(path)                          # (n S, 2 S, 3)
+    return path, [float(v) for v in psnrs]
+
+
 def main(cfg: EvalConfig):
     if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
         raise runtime.UserError("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
+    if cfg.reconstruct and not cfg.tokenizer:
+        raise runtime.UserError("--reconstruct needs --tokenizer <checkpoint or URL>")
     runtime.check(cfg, [(cfg.split in ("train", "val"), "split", "train or val"),
                         (cfg.num_images >= 0, "num_images", "0 (all) or more"),
+                        (cfg.num_classes >= 0, "num_classes", "0 (all) or more"),
                         (cfg.batch_size >= 1, "batch_size", "1 or more"),
                         (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"), (cfg.probe_lr > 0, "probe_lr", "above 0"),
                         (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"),
@@ -678,9 +705,20 @@ def main(cfg: EvalConfig):
         generation_inputs(cfg.samples, cfg.ref)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
-    # beside its input
-    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."
+    # beside its input (a URL's: out/)
+    first = cfg.tokenizer or cfg.ckpt or cfg.samples
+    out_dir = cfg.out_dir or ("out" if model.is_url(first) else
+                              os.path.dirname(os.path.normpath(first)) or ".")
     os.makedirs(out_dir, exist_ok=True)
+    if cfg.reconstruct:  # the user's own images, and nothing else
+        tok = model.load_tokenizer(cfg.tokenizer, device=device)
+        path, psnrs = reconstruct_files(tok, cfg.reconstruct, out_dir, device)
+        if master:
+            for p, v in zip(cfg.reconstruct, psnrs):
+                print(f"{p}: PSNR {v:.2f} dB at {tok.cfg.image_size}x{tok.cfg.image_size}")
+            print(f"wrote {path} (each image, center-cropped, beside its reconstruction)")
+        runtime.cleanup_distributed()
+        return dict(reconstruct=dict(zip(cfg.reconstruct, psnrs)), path=path)
     torch.manual_seed(cfg.seed)
     results, notes, inception = {}, [], None
     if cfg.tokenizer or cfg.samples:  # FID, IS, precision and recall need Inception; the probe does not

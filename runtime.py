@@ -70,7 +70,9 @@ def _field_type(default):
             if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return text.lower() in ("1", "true", "yes", "on")
             raise ValueError(text)
-        return tuple(type(default[0])(t) for t in text.split(",")) if isinstance(default, tuple) else type(default)(text)
+        if isinstance(default, tuple):  # an empty default holds strings
+            return tuple(type(default[0] if default else "")(t) for t in text.split(",") if t)
+        return type(default)(text)
     convert.__name__ = "true/false" if isinstance(default, bool) else type(default).__name__  # named in errors
     return convert
 
