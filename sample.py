@@ -15,11 +15,12 @@ import math
 import os
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import model
@@ -125,14 +126,57 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
 # -----------------------------------------------------------------------------------------------------------
 # Images
 
-def labelled_grid(rows, names, label_width=110):
-    """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class name at left."""
+def label_font(size=12):
+    """A TrueType font for the labels: a system one with accented letters (DejaVu on Linux, Arial on macOS and
+    Windows), else Pillow's built-in one (TrueType with FreeType, a bitmap without; ASCII only either way)."""
+    for name in ("DejaVuSans.ttf", "Arial.ttf", "arial.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:  # not installed here
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def drawable(text, font):
+    """text with each character that the font has no glyph for (it would draw a box) replaced by its letters
+    without accents (e -> e for an e acute), or by "?" when it has none (a font without CJK, say)."""
+    glyph = lambda c: np.asarray(font.getmask(c)).tobytes()
+    box = glyph("\U0010fffd")  # what the font draws for a character it lacks
+    has = lambda c: c.isspace() or glyph(c) != box
+    plain = lambda c: "".join(b for b in unicodedata.normalize("NFKD", c) if not unicodedata.combining(b))
+    return "".join(c if has(c) else plain(c) if plain(c) and all(map(has, plain(c))) else "?" for c in text)
+
+
+def label_lines(name, font, width):
+    """The name in lines of at most `width` pixels, broken between words (a longer word: a line alone)"""
+    words, lines = name.split(), []
+    for w in words:
+        if lines and font.getlength(lines[-1] + " " + w) <= width:
+            lines[-1] += " " + w
+        else:
+            lines.append(w)
+    return lines or [""]
+
+
+def labelled_grid(rows, names, max_label_width=200):
+    """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class names at
+    left, whole: the margin is as wide as the longest name (at most max_label_width pixels), longer ones
+    wrap."""
     n, H, W, _ = rows[0].shape
-    grid = Image.new("RGB", (label_width + n * W, len(rows) * H), "white")  # a white margin at left for the names
-    grid.paste(Image.fromarray(image_grid(rows)), (label_width, 0))
+    font = label_font()
+    names = [drawable(name, font) for name in names]
+    width = min(max_label_width, int(max(font.getlength(name) for name in names)) + 1)
+    lines = [label_lines(name, font, width) for name in names]
+    width = max(width, *(int(font.getlength(line)) + 1 for ls in lines for line in ls))  # a long word: wider
+    step = font.size + 2  # line spacing in pixels
+    height = max(H, *(len(ls) * step + 4 for ls in lines))  # a row as tall as its image or its label
+    grid = Image.new("RGB", (width + 8 + n * W, len(rows) * height), "white")  # a white margin for the names
     draw = ImageDraw.Draw(grid)
-    for r, name in enumerate(names):
-        draw.text((4, r * H + H // 2 - 6), name[:18], fill="black")
+    for r, (row, ls) in enumerate(zip(rows, lines)):
+        grid.paste(Image.fromarray(image_grid([row])), (width + 8, r * height))
+        top = r * height + (H - len(ls) * step) // 2 if len(ls) * step < H else r * height + 2
+        for k, line in enumerate(ls):
+            draw.text((4, top + k * step), line, fill="black", font=font)
     return grid
 
 
