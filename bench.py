@@ -88,8 +88,8 @@ def training_steps(tok, disc, gpt, x, codes, labels, autocast):
 
 def print_plans(cfg, gcfg, precision):
     """What the training steps hold, from the memory plan (runtime.memory_plan): the tokenizer with the discriminator."""
-    tcfg_train = train_tokenizer.resolve(train_tokenizer.TrainConfig(size=cfg.size, batch_size=cfg.batch_size,
-                                                                     teacher="none", lpips=False, disc_start=0))
+    tcfg_train = train_tokenizer.resolve(train_tokenizer.TrainConfig(
+        size=cfg.size, batch_size=cfg.batch_size, semantic_weight=0.0, perceptual_weight=0.0, disc_start=0))
     print("  tokenizer step with the discriminator, " + train_tokenizer.memory_plan(tcfg_train, 1, precision))
     print("  AR step, " + train_ar.memory_plan(train_ar.resolve(train_ar.ARConfig(gpt=cfg.gpt,
                                                                 batch_size=cfg.ar_batch_size)), gcfg, 1, precision))

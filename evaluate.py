@@ -13,7 +13,8 @@ Protocol (spec section 6, and README "Evaluation"):
 - FID features come from the pytorch-fid port of the 2015 TensorFlow Inception graph (written here,
   loading pytorch-fid's weights file), not from the TensorFlow evaluator itself; values differ slightly.
 
-    python evaluate.py --tokenizer out/tokenizer-toy/ckpt.pt        # reconstruction report, synthetic val set
+    python evaluate.py --tokenizer out/tokenizer-toy/ckpt.pt        # reconstruction report (its own data)
+    python evaluate.py --tokenizer <ckpt or URL> --reconstruct a.jpg,b.png   # your images, reconstructed
     python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # generation report
     python evaluate.py --ckpt out/ar-toy/ckpt.pt                    # AR linear probe (on the AR model's codes)
     torchrun --nproc_per_node=8 evaluate.py --tokenizer ... --data /data/imagenet/val   # sharded over processes
@@ -36,7 +37,7 @@ import model
 import runtime
 from data import image_grid, psnr, to_uint8   # the project's one PSNR (float64, as scikit-image) lives in data.py
 from runtime import all_reduce
-from train_ar import ARConfig, code_cache
+from train_ar import ARConfig, check_tokenizer, code_cache
 
 # -----------------------------------------------------------------------------------------------------------
 # Pixel metrics on saved (uint8) images: PSNR (data.psnr) and SSIM
@@ -590,9 +591,17 @@ def pca_picture(tok, x, path):
 
 @dataclass
 class EvalConfig:
-    tokenizer: str = ""         # tokenizer checkpoint (ours or official): reconstruction report + PCA picture
-    data: str = "synthetic"     # images to reconstruct: "synthetic" (embedded set) or an ImageFolder root; probe:
-                                # the AR model's own data (official AR checkpoints: this)
+    tokenizer: str = ""         # tokenizer checkpoint or URL (ours or official): reconstruction report + PCA
+                                # picture
+    data: str = ""              # images to reconstruct: "" = what the tokenizer was trained on (its
+                                # checkpoint says; an official one: synthetic), "synthetic" (embedded set) or
+                                # an ImageFolder root; probe: the AR model's own data (official AR
+                                # checkpoints: this)
+    reconstruct: tuple = ()     # image files (comma-separated): each beside its reconstruction by
+                                # --tokenizer, with its PSNR, in <out-dir>/reconstruct.png (instead of the
+                                # report)
+    num_classes: int = 0        # reconstruct only the first N classes of the data (0 = all; with --data "":
+                                # the tokenizer's)
     split: str = "val"          # split to reconstruct (the paper: ImageNet val, 50k, center crop)
     num_images: int = 0         # reconstruct only the first n images of the split; 0 = all
     samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation report
@@ -652,26 +661,67 @@ def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
                 val_images=len(feats["val"][0]), top1=acc, chance=100.0 / gpt.cfg.num_classes)
 
 
+@torch.no_grad()
+def reconstruct_files(tok, paths, out_dir, device):
+    """--reconstruct: each image center-cropped at the tokenizer's resolution (data.center_crop, as the
+    held-out images), beside its reconstruction through the codes, one row per image -> (the PNG's path,
+    [PSNR in dB])."""
+    from PIL import Image
+    S = tok.cfg.image_size
+    crops = []
+    for p in paths:
+        try:
+            crops.append(data.to_tensor(data.center_crop(data.open_rgb(p), S)))  # (3, S, S) in [-1, 1]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise runtime.UserError(f"--reconstruct {p}: not a readable image ({type(e).__name__}: {e})") \
+                from None
+    x = torch.stack(crops).to(device)                                                     # (n, 3, S, S)
+    rec = tok.decode(tok.encode(x)).float()
+    psnrs = psnr(data.pixel_values(rec), data.pixel_values(x))                # (n,), on the PNG's values
+    path = os.path.join(out_dir, "reconstruct.png")
+    rows = [np.stack(pair) for pair in zip(to_uint8(x), to_uint8(rec))]  # (2, S, S, 3): original, its rec.
+    Image.fromarray(image_grid(rows)).save(path)                          # (n S, 2 S, 3)
+    return path, [float(v) for v in psnrs]
+
+
 def main(cfg: EvalConfig):
     if not (cfg.tokenizer or cfg.samples or cfg.ckpt):
         raise runtime.UserError("nothing to evaluate: pass --tokenizer, --samples and/or --ckpt")
+    if cfg.reconstruct and not cfg.tokenizer:
+        raise runtime.UserError("--reconstruct needs --tokenizer <checkpoint or URL>")
     runtime.check(cfg, [(cfg.split in ("train", "val"), "split", "train or val"),
                         (cfg.num_images >= 0, "num_images", "0 (all) or more"),
+                        (cfg.num_classes >= 0, "num_classes", "0 (all) or more"),
                         (cfg.batch_size >= 1, "batch_size", "1 or more"),
                         (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"), (cfg.probe_lr > 0, "probe_lr", "above 0"),
                         (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"),
                         (cfg.threads >= 0, "threads", "0 or more"),
                         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
-                        *[(not p or os.path.exists(p), k, "no such file or folder") for k, p in
+                        *[(not p or os.path.exists(p) or (k in ("tokenizer", "ckpt") and model.is_url(p)), k,
+                           "no such file or folder") for k, p in
                           (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
+    for p in cfg.reconstruct:
+        if not os.path.isfile(p):
+            raise runtime.UserError(f"--reconstruct {p}: no such file")
     # the flags first: a wrong path is one line before Inception or a checkpoint is read
     if cfg.samples:  # before any loading: a folder without images, or a file of another format, is one line
         generation_inputs(cfg.samples, cfg.ref)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
-    # beside its input
-    out_dir = cfg.out_dir or os.path.dirname(os.path.normpath(cfg.tokenizer or cfg.ckpt or cfg.samples)) or "."
+    # beside its input (a URL's: out/)
+    first = cfg.tokenizer or cfg.ckpt or cfg.samples
+    out_dir = cfg.out_dir or ("out" if model.is_url(first) else
+                              os.path.dirname(os.path.normpath(first)) or ".")
     os.makedirs(out_dir, exist_ok=True)
+    if cfg.reconstruct:  # the user's own images, and nothing else
+        tok = model.load_tokenizer(cfg.tokenizer, device=device)
+        path, psnrs = reconstruct_files(tok, cfg.reconstruct, out_dir, device)
+        if master:
+            for p, v in zip(cfg.reconstruct, psnrs):
+                print(f"{p}: PSNR {v:.2f} dB at {tok.cfg.image_size}x{tok.cfg.image_size}")
+            print(f"wrote {path} (each image, center-cropped, beside its reconstruction)")
+        runtime.cleanup_distributed()
+        return dict(reconstruct=dict(zip(cfg.reconstruct, psnrs)), path=path)
     torch.manual_seed(cfg.seed)
     results, notes, inception = {}, [], None
     if cfg.tokenizer or cfg.samples:  # FID, IS, precision and recall need Inception; the probe does not
@@ -687,6 +737,11 @@ def main(cfg: EvalConfig):
         gpt = model.load_gpt(ckpt, device=device)
     tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")  # an AR checkpoint names its tokenizer
     tok = model.load_tokenizer(tok_path, device=device) if tok_path else None  # eval mode, fp32 as official
+    # --data "": what the tokenizer was trained on
+    cfg, data_from, tok_classes = runtime.trained_data(
+        cfg, model.read_checkpoint(tok_path).get("config") if tok_path else None, "the tokenizer checkpoint")
+    if cfg.ckpt and tok is not None:  # the probe's codes must be the tokenizer's whose codes the GPT learned
+        check_tokenizer(tok, tok_path, gpt_config, cfg.ckpt)
 
     if cfg.tokenizer:
         lpips = None
@@ -696,7 +751,12 @@ def main(cfg: EvalConfig):
                 lpips = lpips.to(device).eval()
             except RuntimeError as e:
                 notes.append(f"LPIPS skipped: {e}; pass --vgg-path and --lpips-lin-path (local files)")
-        images = data.make_dataset(cfg.data, cfg.split, tok.cfg.image_size)          # center crop, [-1, 1]
+        # center crops, [-1, 1]
+        images = data.make_dataset(cfg.data, cfg.split, tok.cfg.image_size, num_classes=cfg.num_classes)
+        runtime.check_classes(images.classes, tok_classes, cfg.data, "the tokenizer")
+        if master:
+            print(f"data {cfg.data}{data_from}: {len(images)} {cfg.split} images of {len(images.classes)} "
+                  f"classes")
         rec = dict(data=cfg.data, **reconstruction_report(tok, images, cfg, device, rank, world, inception, lpips,
                                                            out_dir))
         if cfg.pca and master:

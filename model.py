@@ -15,9 +15,12 @@ grid is g x g = 16 x 16 with z = 256 channels, the transformer width w = 512, N 
 import argparse
 import contextlib
 import dataclasses
-import io
+import hashlib
 import math
+import os
 import re
+import sys
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -808,8 +811,9 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
         try:
             if path:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            with contextlib.redirect_stdout(io.StringIO()):  # torch.hub prints "Downloading: ..." even when offline
-                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+            # torch.hub says what it downloads, and its size as a progress bar; a second run reads its cache
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True,
+                                                      weights_only=True)
         except Exception as e:  # offline, a missing or broken file: one line that says what failed
             reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
             raise RuntimeError(f"could not load the {what} from {path or url} ({type(e).__name__}: {reason})") from None
@@ -884,11 +888,40 @@ OFFICIAL_GPT_NAMES = [(r"^cls_embedding\.embedding_table\.", "cls_embedding.")]
 OFFICIAL_DROPPED = r"^quantize\.codebook_used$|\.kv_cache\.[kv]_cache$"
 
 
+def is_url(path):
+    return isinstance(path, str) and re.match(r"https?://", path) is not None
+
+
+def checkpoint_file(path):
+    """A checkpoint's local file: path itself, or for an http(s):// URL (a released checkpoint, a colleague's
+    run) its copy in torch.hub's cache, $TORCH_HOME/hub/checkpoints/<hash of the URL>-<file name>, downloaded
+    the first time with a progress bar (into a temporary file, moved into place when complete) and read from
+    there after. The hash keeps two URLs that end in the same file name (.../run1/ckpt.pt, .../run2/ckpt.pt)
+    apart."""
+    if not is_url(path):
+        return path
+    name = os.path.basename(urllib.parse.urlparse(path).path) or "checkpoint.pt"
+    key = hashlib.sha1(path.encode()).hexdigest()[:8]
+    local = os.path.join(torch.hub.get_dir(), "checkpoints", f"{key}-{name}")
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        print(f"downloading {path} to {local}", file=sys.stderr)
+        try:
+            torch.hub.download_url_to_file(path, local, progress=True)
+        except Exception as e:  # offline, a wrong address, a server error: one line
+            import runtime  # here, not at the top: runtime imports this module
+            reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
+            raise runtime.UserError(f"could not download {path} ({type(e).__name__}: {reason})") from None
+    return local
+
+
 def read_checkpoint(path_or_state):
-    """A checkpoint path, or an already loaded dict -> dict of CPU tensors (memory-mapped when possible). The one
-    checkpoint reader of the project: the trainers resume through it too."""
+    """A checkpoint path or URL (see checkpoint_file), or an already loaded dict -> dict of CPU tensors
+    (memory-mapped when possible). The one checkpoint reader of the project: the trainers resume through it
+    too."""
     if isinstance(path_or_state, dict):
         return path_or_state
+    path_or_state = checkpoint_file(path_or_state)
     # the official training scripts pickle their argparse.Namespace under "args"
     allow = getattr(torch.serialization, "safe_globals", None)   # torch >= 2.5; older ones refuse such files
     with allow([argparse.Namespace]) if allow else contextlib.nullcontext():

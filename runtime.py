@@ -24,7 +24,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -68,7 +70,9 @@ def _field_type(default):
             if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return text.lower() in ("1", "true", "yes", "on")
             raise ValueError(text)
-        return tuple(type(default[0])(t) for t in text.split(",")) if isinstance(default, tuple) else type(default)(text)
+        if isinstance(default, tuple):  # an empty default holds strings
+            return tuple(type(default[0] if default else "")(t) for t in text.split(",") if t)
+        return type(default)(text)
     convert.__name__ = "true/false" if isinstance(default, bool) else type(default).__name__  # named in errors
     return convert
 
@@ -92,12 +96,17 @@ def check(cfg, rules):
 
 
 def run(main, cfg):
-    """The scripts' entry point: main(the config from the command line); a UserError is one line on stderr."""
+    """The scripts' entry point: main(the config from the command line); a UserError is one line on stderr,
+    and so is Ctrl-C outside a training loop (inside one the trainer saves first: Interrupt), exit status 130
+    (the shell's)."""
     try:
         main(parse_config(cfg))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def parse_config(cfg, argv=None):
@@ -246,6 +255,33 @@ def get_lr(step, lr, warmup, total, end_lr=0.0, schedule="cosine", decay_frac=0.
     return lr if step < hold else lr * max(0.0, 1 - math.sqrt((step - hold) / decay))
 
 
+def trained_data(cfg, config, source):
+    """--data "" means the data that a checkpoint was trained on (its config's "dataset", which
+    train_tokenizer.py writes, or else its "train" fields), with that run's --num-classes when the flag is 0;
+    one that does not say (an official checkpoint) means the synthetic set. A folder is made absolute.
+    -> (cfg, where the data came from, for the start-up line, the class ids that the data must still have
+    (None: not checked))."""
+    if cfg.data:
+        folder = cfg.data if cfg.data == "synthetic" else os.path.abspath(cfg.data)
+        return dataclasses.replace(cfg, data=folder), "", None
+    record = (config or {}).get("dataset") or (config or {}).get("train") or {}
+    if "data" not in record:
+        return dataclasses.replace(cfg, data="synthetic"), f" ({source} does not name its data)", None
+    num_classes = cfg.num_classes or record.get("num_classes", 0)
+    same_classes = num_classes == record.get("num_classes", 0)  # else a subset of them: not compared
+    return (dataclasses.replace(cfg, data=record["data"], num_classes=num_classes), f" (from {source})",
+            config.get("classes") if same_classes else None)
+
+
+def check_classes(found, expected, data, source):
+    """A UserError when the class ids found in the data are not the ones the checkpoint was trained on."""
+    if expected is not None and list(found) != list(expected):
+        short = lambda c: ", ".join(c[:5]) + (f", ... ({len(c)} in all)" if len(c) > 5 else "")
+        raise UserError(f"--data {data} has the classes {short(list(found))}, but {source} was trained on "
+                        f"{short(list(expected))}: the folder changed since; pass --data (and --num-classes) "
+                        f"to use it anyway, or train the tokenizer on it again")
+
+
 def same(a, b):
     """Config dicts compare equal when they would be written equal (tuples and lists alike)."""
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
@@ -263,7 +299,9 @@ def resume(path, parts, identity, train, master):
     for key, value in identity.items():  # e.g. {"tokenizer": the architecture's config dict}
         theirs = ckpt["config"].get(key)  # what the checkpoint was made with
         if not same(theirs, value):
-            fields = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in value.items() if not same(theirs.get(k), v)] \
+            short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:56] + " ..."  # 1000 ids: a few
+            fields = [f"{k} {short(theirs.get(k))} -> {short(v)}" for k, v in value.items()
+                      if not same(theirs.get(k), v)] \
                 if isinstance(value, dict) and isinstance(theirs, dict) else []
             raise UserError(f"{path} was made with another {key.replace('_', ' ')}" + (f" ({', '.join(fields)})"
                             if fields else "") + ": pass --fresh, or another --out-dir")
@@ -433,6 +471,37 @@ class BadSteps:
             raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "
                              f"steps in a row (lower --lr, or check the data); the last good checkpoint is "
                              f"{self.ckpt_path}, and rerunning the command continues from it")
+
+
+class Interrupt:
+    """Ctrl-C (SIGINT) in a training loop: a request to stop when the step in progress has ended, so that the
+    trainer saves the run at the step it reached (what a periodic save would write there) and the same command
+    continues it exactly. A second Ctrl-C stops at once, without saving. Made before the data loader's
+    processes start: forked, they inherit the handler and keep loading instead of dying of the signal.
+    stop(device) -> bool, called once per step by every process: whether any of them was interrupted."""
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:  # the second Ctrl-C
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True  # (nothing printed here: a print inside a print's write would fail)
+
+    def __call__(self, device):
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        return bool(all_reduce(flag, "max"))  # all the processes stop after the same step
+
+    def restore(self):
+        """The previous handler back; -> whether Ctrl-C was pressed."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+        return self.requested
 
 
 class EMA:

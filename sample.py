@@ -15,22 +15,25 @@ import math
 import os
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import model
 import runtime
 from data import image_grid, to_uint8
+from train_ar import check_tokenizer
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint (ours from train_ar.py, or an official GigaTok gpt_1d one)
-    tokenizer: str = ""               # tokenizer checkpoint; "" = the one the AR model was trained on
+    ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint or URL (ours from train_ar.py, or an official GigaTok
+                                      # gpt_1d one)
+    tokenizer: str = ""               # tokenizer checkpoint or URL; "" = the one the AR model was trained on
     cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 3, else 4)
     cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
     step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
@@ -123,14 +126,57 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
 # -----------------------------------------------------------------------------------------------------------
 # Images
 
-def labelled_grid(rows, names, label_width=110):
-    """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class name at left."""
+def label_font(size=12):
+    """A TrueType font for the labels: a system one with accented letters (DejaVu on Linux, Arial on macOS and
+    Windows), else Pillow's built-in one (TrueType with FreeType, a bitmap without; ASCII only either way)."""
+    for name in ("DejaVuSans.ttf", "Arial.ttf", "arial.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:  # not installed here
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def drawable(text, font):
+    """text with each character that the font has no glyph for (it would draw a box) replaced by its letters
+    without accents (e -> e for an e acute), or by "?" when it has none (a font without CJK, say)."""
+    glyph = lambda c: np.asarray(font.getmask(c)).tobytes()
+    box = glyph("\U0010fffd")  # what the font draws for a character it lacks
+    has = lambda c: c.isspace() or glyph(c) != box
+    plain = lambda c: "".join(b for b in unicodedata.normalize("NFKD", c) if not unicodedata.combining(b))
+    return "".join(c if has(c) else plain(c) if plain(c) and all(map(has, plain(c))) else "?" for c in text)
+
+
+def label_lines(name, font, width):
+    """The name in lines of at most `width` pixels, broken between words (a longer word: a line alone)"""
+    words, lines = name.split(), []
+    for w in words:
+        if lines and font.getlength(lines[-1] + " " + w) <= width:
+            lines[-1] += " " + w
+        else:
+            lines.append(w)
+    return lines or [""]
+
+
+def labelled_grid(rows, names, max_label_width=200):
+    """rows: list of (per_class, H, W, 3) uint8 arrays, one per class -> PIL image with the class names at
+    left, whole: the margin is as wide as the longest name (at most max_label_width pixels), longer ones
+    wrap."""
     n, H, W, _ = rows[0].shape
-    grid = Image.new("RGB", (label_width + n * W, len(rows) * H), "white")  # a white margin at left for the names
-    grid.paste(Image.fromarray(image_grid(rows)), (label_width, 0))
+    font = label_font()
+    names = [drawable(name, font) for name in names]
+    width = min(max_label_width, int(max(font.getlength(name) for name in names)) + 1)
+    lines = [label_lines(name, font, width) for name in names]
+    width = max(width, *(int(font.getlength(line)) + 1 for ls in lines for line in ls))  # a long word: wider
+    step = font.size + 2  # line spacing in pixels
+    height = max(H, *(len(ls) * step + 4 for ls in lines))  # a row as tall as its image or its label
+    grid = Image.new("RGB", (width + 8 + n * W, len(rows) * height), "white")  # a white margin for the names
     draw = ImageDraw.Draw(grid)
-    for r, name in enumerate(names):
-        draw.text((4, r * H + H // 2 - 6), name[:18], fill="black")
+    for r, (row, ls) in enumerate(zip(rows, lines)):
+        grid.paste(Image.fromarray(image_grid([row])), (width + 8, r * height))
+        top = r * height + (H - len(ls) * step) // 2 if len(ls) * step < H else r * height + 2
+        for k, line in enumerate(ls):
+            draw.text((4, top + k * step), line, fill="black", font=font)
     return grid
 
 
@@ -157,7 +203,7 @@ def grid_classes(cfg, num_classes):
 
 def load_models(cfg, device):
     """-> (the AR model, the tokenizer it was trained on, class names, cfg with the model's guidance scale)"""
-    if not os.path.exists(cfg.ckpt):
+    if not (os.path.exists(cfg.ckpt) or model.is_url(cfg.ckpt)):
         raise runtime.UserError(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
                          f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
     ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
@@ -173,7 +219,12 @@ def load_models(cfg, device):
     if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
         raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not "
                          f"fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
-    names = ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
+    check_tokenizer(tok, tok_path, ours, cfg.ckpt)  # the codes it writes are that tokenizer's
+    # human-readable names (train_ar.py records the data's: "goldfish" for n01443537), else the class ids
+    names = ours.get("names") or ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
+    if int(os.environ.get("RANK", 0)) == 0:  # the start-up line
+        print(f"AR model {cfg.ckpt}: {gpt.cfg.num_classes} classes of {trained.get('data', 'its data')}; "
+              f"tokenizer {tok_path}")
     return gpt, tok, names, cfg
 
 
@@ -184,6 +235,8 @@ def main(cfg: SampleConfig):
     autocast = runtime.autocast_for(cfg.precision, device)[1]
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # each process its own stream
     stats = dict(tokens=0, seconds=0.0)
+    # the outputs go beside the checkpoint (a URL's: under out/)
+    here = os.path.join("out", os.path.basename(cfg.ckpt)) if model.is_url(cfg.ckpt) else cfg.ckpt
 
     def images_for(labels):  # (B,) class ids -> (B, H, W, 3) uint8
         t0 = time.time()
@@ -199,13 +252,14 @@ def main(cfg: SampleConfig):
 
     if cfg.num_samples == 0:  # a labelled grid, one row per class
         classes = grid_classes(cfg, gpt.cfg.num_classes)
-        out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png")
+        out = cfg.out or os.path.join(os.path.dirname(here), "samples.png")
         if rank == 0:  # one small grid: sampled once, by the main process
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
                     for c in tqdm(classes, desc="sampling", disable=rank != 0)]
             labelled_grid(rows, [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]).save(out)
     else:  # num_samples images, classes uniformly at random (official), sharded over the processes
-        out = cfg.out or os.path.splitext(cfg.ckpt)[0] + f"-samples-{cfg.num_samples}"
+        out = cfg.out or os.path.splitext(here)[0] + f"-samples-{cfg.num_samples}"
         os.makedirs(out, exist_ok=True)
         # the same labels on every rank
         labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,), generator=torch.Generator().manual_seed(cfg.seed))

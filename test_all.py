@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -993,9 +994,9 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
 # ---- train_tokenizer.py ----
 
 def _tok_run(out_dir, **kw):
-    """train_tokenizer.main on the toy, offline (no teacher, no LPIPS), tiny batches; -> (result, log rows)."""
+    """train_tokenizer.main on the toy (no teacher, no LPIPS: its defaults), tiny batches: (result, rows)"""
     cfg = train_tokenizer.TrainConfig(**{**dict(out_dir=out_dir, batch_size=2, warmup=0, log_interval=1,
-                                      image_interval=10 ** 6, eval_images=4, teacher="none", lpips=False, device="cpu"), **kw})
+                                      image_interval=10 ** 6, eval_images=4, device="cpu"), **kw})
     result = train_tokenizer.main(cfg)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         import json
@@ -1366,7 +1367,11 @@ def test_teacher_through_local_hub_repo_is_frozen_and_semantic_loss_is_direct():
         with open(os.path.join(repo, "hubconf.py"), "w") as f:
             f.write(TINY_HUBCONF)
         out = os.path.join(d, "run")
-        result, rows = _tok_run(out, max_steps=3, teacher="tiny_vit", teacher_repo=repo)
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):  # the toy asks for a teacher with the paper's weight
+            result, rows = _tok_run(out, max_steps=3, teacher="tiny_vit", teacher_repo=repo,
+                                    semantic_weight=0.5)
+        assert "xFormers" not in buf.getvalue()  # DINOv2's warnings at import, silenced
         teacher, tok = result["teacher"], result["tokenizer"]
         assert teacher is not None and all(-1 <= r["semantic"] <= 1 and r["semantic"] != 0 for r in rows)  # -mean cos
         fresh = torch.hub.load(repo, "tiny_vit", source="local")
@@ -1413,20 +1418,31 @@ def test_init_from_fills_a_new_run_from_an_official_checkpoint():
             assert "does not fit" in str(e), e
 
 
-def test_missing_teacher_stops_a_paper_preset_and_warns_for_the_toy():
+def test_helpers_load_only_when_their_weight_asks_and_a_missing_one_stops_the_run():
     with tempfile.TemporaryDirectory() as d:
-        cfg = train_tokenizer.TrainConfig(size="s-s", out_dir=d, teacher_repo=os.path.join(d, "absent"), lpips=False,
+        absent = os.path.join(d, "absent")
+        cfg = train_tokenizer.TrainConfig(size="s-s", out_dir=d, teacher_repo=absent, perceptual_weight=0.0,
                                           device="cpu", max_steps=0, batch_size=1)
-        try:
-            train_tokenizer.main(cfg)
-            raise AssertionError("a paper preset trained without its teacher")
-        except SystemExit as e:
-            assert "teacher none" in str(e) and "teacher-repo" in str(e)
-        import contextlib, io
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            result, _ = _tok_run(os.path.join(d, "toy"), max_steps=1, teacher="", teacher_repo=os.path.join(d, "absent"))
-        assert result["teacher"] is None and "warning: could not load the DINOv2 teacher" in buf.getvalue()
+        toy = os.path.join(d, "toy")
+        # the paper's preset (on by default), the toy opted in to each
+        for run, says in ((lambda: train_tokenizer.main(cfg), "--semantic-weight 0"),
+                          (lambda: _tok_run(toy, max_steps=1, semantic_weight=0.5, teacher_repo=absent),
+                           "--semantic-weight 0"),
+                          (lambda: _tok_run(toy, max_steps=1, perceptual_weight=1.0, vgg_path=absent),
+                           "--perceptual-weight 0")):
+            try:
+                run()
+                raise AssertionError("trained without the helper its weight asked for")
+            except runtime.UserError as e:
+                assert says in str(e) and "could not load" in str(e), e
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # the toy's defaults: neither helper, nothing looked for
+            result, rows = _tok_run(os.path.join(d, "toy2"), max_steps=1, teacher_repo=absent,
+                                    vgg_path=absent)
+        assert result["teacher"] is None and "teacher: off (semantic weight 0); LPIPS: off" in out.getvalue()
+        assert rows[-1]["lpips"] == rows[-1]["semantic"] == 0.0
+        paper = train_tokenizer.resolve(train_tokenizer.TrainConfig(size="xl-xxl"))
+        assert (paper.perceptual_weight, paper.semantic_weight) == (1.0, 0.5)  # the paper's recipe (spec 4.1)
 
 
 # ---- reliability: bad flags, bad files, bad numbers, kills and restarts ----
@@ -1643,7 +1659,7 @@ def test_resume_accepts_changed_training_fields_and_names_changed_architecture_f
 def _toy_command(out_dir, *extra):
     return [sys.executable, "train_tokenizer.py", "--out-dir", out_dir, "--batch-size", "2", "--max-steps", "12",
             "--ckpt-interval", "1", "--log-interval", "1", "--image-interval", "1000", "--eval-images", "2",
-            "--teacher", "none", "--lpips", "false", "--threads", "1", "--per-class", "2", *extra]
+            "--threads", "1", "--per-class", "2", *extra]
 
 
 def test_weight_average_is_the_moving_average_and_the_weights_come_back_exactly():
@@ -1705,6 +1721,247 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
         assert os.listdir(killed) and not [f for f in os.listdir(killed) if ".tmp" in f]  # no half-written files left
 
 
+def _class_folder(root, classes, per_class=3, size=40):
+    """root/<class>/<i>.png, flat class folders of small deterministic pictures -> root"""
+    from PIL import Image
+    g = torch.Generator().manual_seed(len(classes))
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        for i in range(per_class):
+            a = (torch.rand(size, size + 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(a).save(os.path.join(root, c, f"{i}.png"))
+    return root
+
+
+def _said(fn, *args):
+    """-> (fn's result, what it printed), without the trainers' memory plans (seconds of fake tensors per run,
+    tested on their own)"""
+    out, plans = io.StringIO(), (train_tokenizer.memory_plan, train_ar.memory_plan)
+    train_tokenizer.memory_plan = train_ar.memory_plan = lambda *args, **kw: "memory plan: not made here"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            result = fn(*args)
+    finally:
+        train_tokenizer.memory_plan, train_ar.memory_plan = plans
+    return result, out.getvalue()
+
+
+def _one_line_error(fn, *args):
+    try:
+        _said(fn, *args)
+    except runtime.UserError as e:
+        assert "\n" not in str(e), str(e)
+        return str(e)
+    raise AssertionError("no error")
+
+
+def test_ctrl_c_saves_at_the_step_reached_and_the_rerun_gives_the_uninterrupted_weights():
+    import signal
+    _register_tiny_ar()
+    threads, real_log = torch.get_num_threads(), runtime.Logger.__call__
+
+    def ctrl_c_at_step_3(self, step, **numbers):  # Ctrl-C in the middle of a run, as a user would press it
+        real_log(self, step, **numbers)
+        if step == 3 and "loss" in numbers:
+            os.kill(os.getpid(), signal.SIGINT)
+    with tempfile.TemporaryDirectory() as d:
+        tok_path, code_dir = _tiny_code_cache(d)
+        # the tokenizer and the AR model, each saved only at the end or at Ctrl-C (no periodic checkpoints)
+        short = ("--ckpt-interval", "1000", "--max-steps", "6")
+        tok = lambda out: runtime.parse_config(train_tokenizer.TrainConfig(), _toy_command(out, *short)[2:])
+        ar = lambda out: train_ar.ARConfig(tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny",
+                                           per_class=0, batch_size=4, max_steps=6, log_interval=1,
+                                           eval_interval=1000, ckpt_interval=1000, threads=1, out_dir=out)
+        try:
+            for main, cfg in ((train_tokenizer.main, tok), (train_ar.main, ar)):
+                stopped = os.path.join(d, "stopped")
+                _said(main, cfg(os.path.join(d, "straight")))
+                if main is train_tokenizer.main:  # the command line: one line, exit status 130, no traceback
+                    p = subprocess.Popen(_toy_command(stopped, *short), cwd=REPO, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                    for line in p.stdout:
+                        if line.startswith("step       3 |"):
+                            p.send_signal(signal.SIGINT)
+                            break
+                    out, err = p.communicate(timeout=120)
+                    code = p.returncode
+                else:  # in this process
+                    runtime.Logger.__call__ = ctrl_c_at_step_3
+                    try:
+                        _said(main, cfg(stopped))
+                        raise AssertionError("Ctrl-C did not stop the run")
+                    except SystemExit as e:
+                        code, out, err = e.code, "", ""
+                    finally:
+                        runtime.Logger.__call__ = real_log
+                ckpt = model.read_checkpoint(os.path.join(stopped, "ckpt.pt"))
+                assert code == 130 and "Traceback" not in err and 3 <= ckpt["step"] < 6, (code, out, err)
+                said = f"interrupted at step {ckpt['step']}, saved {stopped}/ckpt.pt; run the same command to"
+                assert out == "" or said in out, out[-300:]
+                _said(main, cfg(stopped))  # the same command again
+                a, b = (model.read_checkpoint(os.path.join(d, r, "ckpt.pt")) for r in ("straight", "stopped"))
+                assert a["step"] == b["step"] == 6
+                for key in ("model", "ema", "discriminator"):  # the weights, their moving average, the critic
+                    if key in a:
+                        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+                assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(),
+                                                             b["optimizer"]["state"][0].values()))
+                for run in ("straight", "stopped"):
+                    shutil.rmtree(os.path.join(d, run))
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_the_ladder_follows_the_tokenizer_data_and_refuses_to_mix_runs():
+    _register_tiny_ar()
+    with tempfile.TemporaryDirectory() as d:
+        F = _class_folder(os.path.join(d, "F"), ["café", "goldfish", "zebra"])
+        tok_dir, ar_dir = os.path.join(d, "out", "tokenizer-toy"), os.path.join(d, "out", "ar")
+        tok_cfg = train_tokenizer.TrainConfig(data=F, out_dir=tok_dir, max_steps=1, batch_size=2,
+                                              eval_images=2, device="cpu")
+        _said(train_tokenizer.main, tok_cfg)
+        config = model.read_checkpoint(os.path.join(tok_dir, "ckpt.pt"))["config"]
+        assert config["dataset"] == dict(data=F, num_classes=0, per_class=0)
+        assert config["classes"] == config["names"] == ["café", "goldfish", "zebra"]
+        # train_ar.py, sample.py and evaluate.py without --data: the tokenizer's folder and its classes
+        tok_path, ar_path = os.path.join(tok_dir, "ckpt.pt"), os.path.join(ar_dir, "ckpt.pt")
+        ar_cfg = train_ar.ARConfig(tokenizer=tok_path, gpt="test-tiny", out_dir=ar_dir, max_steps=2,
+                                   batch_size=4, per_class=0, eval_interval=1000, device="cpu")
+        _, said = _said(train_ar.main, ar_cfg)
+        assert f"data {F} (from the tokenizer checkpoint): 6 training images" in said, said
+        seen, real = [], sample.labelled_grid
+        sample.labelled_grid = lambda rows, names: seen.append(names) or real(rows, names)
+        try:
+            _, said = _said(sample.main, sample.SampleConfig(ckpt=ar_path, per_class=1, device="cpu"))
+        finally:
+            sample.labelled_grid = real
+        assert seen == [["0 café", "1 goldfish", "2 zebra"]] and f"3 classes of {F}" in said, (seen, said)
+        ev = dict(lpips=False, pca=False, inception_path=os.path.join(d, "absent.pth"), device="cpu")
+        results, said = _said(evaluate.main, evaluate.EvalConfig(tokenizer=tok_path, **ev))
+        assert f"data {F} (from the tokenizer checkpoint): 3 val images of 3 classes" in said, said
+        assert results["reconstruction"]["images"] == 3
+        # a second data set into the same folders: one line each, naming the way out; nothing trained
+        G = _class_folder(os.path.join(d, "G"), ["ant", "bee"])
+        e = _one_line_error(train_tokenizer.main, dataclasses.replace(tok_cfg, data=G, max_steps=2))
+        assert "another dataset" in e and G in e and "--fresh" in e and "--out-dir" in e, e
+        assert model.read_checkpoint(os.path.join(tok_dir, "ckpt.pt"))["step"] == 1
+        e = _one_line_error(train_ar.main, dataclasses.replace(ar_cfg, data=G, max_steps=3))
+        assert "another dataset" in e and "--fresh" in e, e
+        # the folder changed under the tokenizer: its classes are not the recorded ones
+        os.rename(os.path.join(F, "zebra"), os.path.join(F, "yak"))
+        e = _one_line_error(evaluate.main, evaluate.EvalConfig(tokenizer=tok_path, **ev))
+        assert "yak" in e and "zebra" in e, e
+        os.rename(os.path.join(F, "yak"), os.path.join(F, "zebra"))
+        # the tokenizer trained again: the AR model's codes are another tokenizer's
+        _said(train_tokenizer.main, dataclasses.replace(tok_cfg, fresh=True, seed=1))
+        for run in (lambda: sample.main(sample.SampleConfig(ckpt=ar_path, device="cpu")),
+                    lambda: evaluate.main(evaluate.EvalConfig(ckpt=ar_path, **ev))):
+            e = _one_line_error(run)
+            assert "is not the one whose codes" in e and "--fresh" in e, e
+
+
+def test_sample_labels_are_whole_names_in_a_font_with_their_accents():
+    from PIL import ImageFont, features
+    font = sample.label_font()
+    assert isinstance(font, ImageFont.FreeTypeFont) or not features.check("freetype2")
+    name = "Grand Méliès tortoiseshell, Carassius auratus"
+    text = sample.drawable(name, font)
+    assert text in (name, "Grand Melies tortoiseshell, Carassius auratus")  # the accents, or plain letters
+    lines = sample.label_lines(text, font, 80)
+    assert " ".join(lines) == text and len(lines) > 1  # wrapped, not cut
+    assert all(font.getlength(line) <= 80 for line in lines if " " in line)
+    rows = [np.zeros((2, 16, 16, 3), np.uint8)] * 2
+    grid = sample.labelled_grid(rows, ["0 " + name, "1 ant"])
+    assert grid.size[0] > 2 * 16 + 80 and grid.size[1] >= 2 * 16
+
+
+class _CountingServer:
+    """A local HTTP server of a folder on 127.0.0.1 (a thread) that counts its GET requests; stops on exit."""
+    def __init__(self, folder):
+        import functools
+        import http.server
+        import threading
+        counts = self.requests = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                counts.append(self.path)
+                return super().do_GET()
+
+            def log_message(self, *args):  # quiet
+                pass
+        handler = functools.partial(Handler, directory=folder)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a free port
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_checkpoint_urls_download_once_into_the_hub_cache():
+    old = os.environ.get("TORCH_HOME")
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["TORCH_HOME"] = os.path.join(d, "torch-home")
+        try:
+            tok_path = _tiny_tokenizer_checkpoint(os.path.join(d, "served"))
+            with _CountingServer(os.path.join(d, "served")) as server:
+                url = f"{server.url}/tokenizer/ckpt.pt"
+                with contextlib.redirect_stderr(io.StringIO()):
+                    a = model.load_tokenizer(url)
+                b = model.load_tokenizer(url)  # from the cache: the server is not asked again
+                assert server.requests == ["/tokenizer/ckpt.pt"], server.requests
+                local = model.checkpoint_file(url)
+                assert local.startswith(os.path.join(d, "torch-home", "hub", "checkpoints", ""))
+                assert local.endswith("-ckpt.pt")
+                ref = model.load_tokenizer(tok_path)
+                assert all(torch.equal(v, a.state_dict()[k]) and torch.equal(v, b.state_dict()[k])
+                           for k, v in ref.state_dict().items())
+                e = _one_line_error(model.read_checkpoint, f"{server.url}/absent.pt")  # a 404: one line
+                assert "could not download" in e and "absent.pt" in e, e
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_HOME")
+            else:
+                os.environ["TORCH_HOME"] = old
+
+
+def test_evaluate_reconstruct_puts_each_image_beside_its_reconstruction_with_its_psnr():
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as d:
+        tok_path = _tiny_tokenizer_checkpoint(d)  # 32x32 images
+        g = torch.Generator().manual_seed(0)
+        a, b = os.path.join(d, "a.jpg"), os.path.join(d, "b.png")
+        Image.fromarray((torch.rand(48, 80, 3, generator=g) * 255).to(torch.uint8).numpy()).save(a)
+        Image.fromarray((torch.rand(30, 30, 4, generator=g) * 255).to(torch.uint8).numpy(), "RGBA").save(b)
+        argv = ["--tokenizer", tok_path, "--reconstruct", f"{a},{b}", "--out-dir", os.path.join(d, "out"),
+                "--device", "cpu"]
+        cfg = runtime.parse_config(evaluate.EvalConfig(), argv)
+        assert cfg.reconstruct == (a, b)
+        result, said = _said(evaluate.main, cfg)
+        grid = np.asarray(Image.open(result["path"]))
+        assert grid.shape == (2 * 32, 2 * 32, 3)  # a row per image: the original, its reconstruction
+        tok = model.load_tokenizer(tok_path)
+        for i, p in enumerate((a, b)):
+            x = data.to_tensor(data.center_crop(data.open_rgb(p), 32))[None]
+            with torch.no_grad():
+                rec = tok.decode(tok.encode(x))
+            assert np.array_equal(grid[32 * i:32 * (i + 1), :32], data.to_uint8(x)[0])
+            assert np.array_equal(grid[32 * i:32 * (i + 1), 32:], data.to_uint8(rec)[0])
+            v = data.psnr(data.pixel_values(rec), data.pixel_values(x))[0]
+            assert f"{p}: PSNR {v:.2f} dB" in said and abs(result["reconstruct"][p] - v) < 1e-9, said
+        absent = os.path.join(d, "absent.png")
+        e = _one_line_error(evaluate.main, dataclasses.replace(cfg, reconstruct=(absent,)))
+        assert "--reconstruct" in e and "absent.png" in e
+
+
 def _torchrun_cli(n, *args, restarts=0):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                            f"--max-restarts={restarts}", *args], cwd=REPO, capture_output=True, text=True)
@@ -1720,8 +1977,7 @@ def test_two_gloo_processes_equal_one_at_twice_the_batch_with_and_without_grad_a
     # On the 2D toy: in the 1D toy some gradient elements sit at rounding level, and AdamW turns their reduction-order
     # differences (1e-7) into lr-sized steps of either sign (measured: 1.7e-4 apart after 2 steps at lr 1e-4)
     with tempfile.TemporaryDirectory() as d:
-        common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--teacher", "none", "--lpips", "false",
-                  "--threads", "1",
+        common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--threads", "1",
                   "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000", "--log-interval", "1"]
         for name, n, extra in [("one", 1, ["--batch-size", "4"]), ("two", 2, ["--batch-size", "4"]),
                                ("one-8", 1, ["--batch-size", "8"]), ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
@@ -1748,8 +2004,8 @@ def _pids_running(text):
 def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkpoint():
     import signal
     with tempfile.TemporaryDirectory() as d:
-        common = ["--batch-size", "4", "--max-steps", "15", "--ckpt-interval", "5", "--eval-images", "2", "--teacher",
-                  "none", "--lpips", "false", "--threads", "1", "--entropy-weight", "0", "--per-class", "2",
+        common = ["--batch-size", "4", "--max-steps", "15", "--ckpt-interval", "5", "--eval-images", "2",
+                  "--threads", "1", "--entropy-weight", "0", "--per-class", "2",
                   "--image-interval", "1000", "--log-interval", "1"]
         out = os.path.join(d, "restarted")
         # one worker: a restarted pair of gloo workers can time out connecting to each other on a loaded machine
@@ -1844,7 +2100,7 @@ def _ckpt(folder):
 # the toy tokenizer, 3 steps of 4 images, offline; a constant lr of 1e-4: at its first steps AdamW moves every weight
 # by about lr whatever the gradient's size, so the rounding of tiny gradients (a sum over 4 images, or two over 2)
 # shows in the weights at ~lr/10; at lr 1e-3 one and two processes differ by 1e-4 (DDP exactly as FSDP)
-TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, teacher="none", lpips="false", eval_images=2, per_class=2,
+TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, eval_images=2, per_class=2,
                entropy_weight=0.0, warmup=0, lr=1e-4, end_lr=1e-4, log_interval=1, image_interval=10 ** 6)
 
 
@@ -2035,7 +2291,7 @@ def test_memory_plan_activations_match_a_measured_cpu_peak():
                                        str(int(checkpointing))], env=env, capture_output=True, text=True,
                                       check=True).stdout.split()[-1])
         cfg = train_tokenizer.validate(train_tokenizer.resolve(train_tokenizer.TrainConfig(
-            batch_size=8, disc_start=0, aux_loss_end=10, checkpointing=checkpointing)))
+            batch_size=8, disc_start=0, aux_loss_end=10, checkpointing=checkpointing, perceptual_weight=1.0)))
         line = train_tokenizer.memory_plan(cfg, 1, "fp32", with_teacher=False)
         planned = [v for k, v in _plan_numbers(line).items() if k.startswith("activations")][0]
         assert 0.8 <= planned / measured <= 1.25, (checkpointing, planned / 2 ** 20, measured / 2 ** 20)

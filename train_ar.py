@@ -36,11 +36,13 @@ from model import GPT, GPT_PRESETS
 
 @dataclass
 class ARConfig:
-    tokenizer: str = "out/tokenizer-toy/ckpt.pt"  # frozen tokenizer checkpoint (ours or an official GigaTok one)
-    data: str = "synthetic"      # "synthetic" (embedded, no download) or an ImageFolder root (see data.ImageFolder)
+    tokenizer: str = "out/tokenizer-toy/ckpt.pt"  # frozen tokenizer checkpoint or URL (ours or an official)
+    data: str = ""               # "" = what the tokenizer was trained on (its checkpoint says; an official
+                                 # one: synthetic); "synthetic" (embedded) or an ImageFolder root
     gpt: str = ""                # AR model size (model.GPT_PRESETS); "" = toy, or gpt-b with --probe
     probe: bool = False          # AR probing (spec 5.4): GPT-B, lr 1e-4 held for 250k steps of a 1.5M-step WSD
-    num_classes: int = 0         # use only the first N classes of the data (0 = all)
+    num_classes: int = 0         # use only the first N classes of the data (0 = all; with --data "": the
+                                 # tokenizer's)
     per_class: int = -1          # training images per class (0 = all); -1 = the preset's (toy: 100, paper: all)
     out_dir: str = ""            # "" = out/ar-<gpt> (out/probe-<tokenizer folder> with --probe); holds ckpt.pt, log.jsonl
     code_dir: str = ""           # code cache; "" = <tokenizer folder>/codes-<data>[-<subset>]
@@ -129,6 +131,7 @@ class CodeImages:
         self.images = data.make_dataset(cfg.data, split, int(size * 1.1) if views == 10 else size,  # center crops
                                    num_classes=cfg.num_classes, per_class=cfg.per_class if split == "train" else 0)
         self.classes = self.images.classes
+        self.names = getattr(self.images, "names", self.classes)  # human-readable, for sample.py's labels
 
     def __len__(self):
         return len(self.images)
@@ -190,31 +193,48 @@ def tokenizer_fingerprint(tok):
     return h.hexdigest()[:16]
 
 
-def code_cache(tok, cfg, split, views, rank, world, device):
-    """-> (codes (n, views, N) memory-mapped, labels (n,), class names) of one split, encoded now or reused. The
-    cache is keyed by its folder and checked against what made it: the tokenizer's weights and the image subset."""
+def check_tokenizer(tok, tok_path, ar_config, ckpt_path):
+    """sample.py and evaluate.py: a UserError unless tok is the tokenizer whose codes the AR checkpoint at
+    ckpt_path was trained on (the fingerprint in its config; an official checkpoint has none: not checked)."""
+    want = (ar_config or {}).get("tokenizer_fingerprint")
+    if want and tokenizer_fingerprint(tok) != want:
+        raise runtime.UserError(f"the tokenizer {tok_path} is not the one whose codes {ckpt_path} was "
+                                f"trained on (it has been trained since): train the AR model on it again "
+                                f"(train_ar.py --fresh), or pass --tokenizer <the one it was trained on>")
+
+
+def code_cache(tok, cfg, split, views, rank, world, device, classes=None):
+    """-> (codes (n, views, N) memory-mapped, labels (n,), its meta.json: class ids "classes" and "names") of
+    one split, encoded now or reused. The cache is keyed by its folder and checked against what made it: the
+    tokenizer's weights and the image subset. classes: the class ids the data must have
+    (runtime.check_classes), or None."""
     data_name = "synthetic" if cfg.data == "synthetic" else os.path.basename(os.path.normpath(cfg.data))
     subset = (f"-{cfg.num_classes}classes" if cfg.num_classes else "") + (f"-{cfg.per_class}per-class" if cfg.per_class else "")
-    folder = os.path.join(cfg.code_dir or os.path.join(os.path.dirname(cfg.tokenizer), f"codes-{data_name}{subset}"), split)
+    tok_dir = os.path.dirname(model.checkpoint_file(cfg.tokenizer))  # a URL's: beside its download
+    folder = os.path.join(cfg.code_dir or os.path.join(tok_dir, f"codes-{data_name}{subset}"), split)
     made_by = dict(fingerprint=tokenizer_fingerprint(tok), data=cfg.data, num_classes=cfg.num_classes,
                    per_class=cfg.per_class if split == "train" else 0, views=views)
     meta_path = os.path.join(folder, "meta.json")  # written last: its presence marks a complete cache
     meta = runtime.read_json(meta_path) if os.path.exists(meta_path) else None
     if meta is not None and all(meta.get(k) == v for k, v in made_by.items()):
+        runtime.check_classes(meta["classes"], classes, cfg.data, "the tokenizer")
         if rank == 0:
             print(f"reusing the code cache {folder}")
     else:
         if meta is not None and rank == 0:
             print(f"the code cache {folder} was made by another tokenizer or image subset: encoding again")
         images = CodeImages(cfg, split, tok.cfg.image_size, views)
+        runtime.check_classes(images.classes, classes, cfg.data, "the tokenizer")  # before the encoding
         build_code_cache(tok, images, folder, views, cfg.encode_batch, rank, world, device,
                          data.workers(cfg.num_workers, device))
         if rank == 0:  # written last: marks the cache complete
-            runtime.write_json(meta_path, dict(made_by, tokenizer=os.path.abspath(cfg.tokenizer), classes=images.classes))
+            tok_name = cfg.tokenizer if model.is_url(cfg.tokenizer) else os.path.abspath(cfg.tokenizer)
+            runtime.write_json(meta_path, dict(made_by, tokenizer=tok_name, classes=images.classes,
+                                               names=images.names))
         runtime.barrier()
         meta = runtime.read_json(meta_path)
     codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")  # (n, views, N), read lazily
-    return codes, np.load(os.path.join(folder, "labels.npy")), meta["classes"]
+    return codes, np.load(os.path.join(folder, "labels.npy")), meta
 
 
 def unigram_entropy(codes, vocab_size, chunk=4096):
@@ -295,13 +315,15 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
     return (stats[0] / stats[1]).item()
 
 
-def summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy):
+def summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy,
+            data_from=""):
     """The start-up lines: the model, the data (and the subset a preset uses), the schedule, the reference losses."""
     subset = f" (the preset's subset: {cfg.per_class} per class; --per-class 0 for all)" if cfg.per_class else ""
     return (f"AR {cfg.gpt}: {runtime.count(gpt) / 1e6:.2f}M params; {gcfg.block_size} tokens of {gcfg.vocab_size} "
             f"codes, {len(classes)} classes\n"
-            f"data {cfg.data}: {len(codes)} training images{subset} x {codes.shape[1]} views, {len(val_codes)} held "
-            f"out; {cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
+            f"data {cfg.data}{data_from}: {len(codes)} training images{subset} x {codes.shape[1]} views, "
+            f"{len(val_codes)} held out; {cfg.batch_size} sequences per step = {world} processes x "
+            f"{cfg.grad_accum} micro-steps x {micro}; "
             f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
             f"{cfg.warmup})" + (f"; resuming from step {step}" if step else "") + "\n"
             f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
@@ -328,7 +350,7 @@ def plan_only(cfg):
     """--plan true (runtime.plan_only). The vocabulary and length are the tokenizer checkpoint's when it names them,
     else the paper's (16384 codes x 256 tokens)."""
     tcfg = (model.read_checkpoint(cfg.tokenizer).get("config") or {}).get("tokenizer") \
-        if os.path.exists(cfg.tokenizer) else None
+        if os.path.exists(cfg.tokenizer) or model.is_url(cfg.tokenizer) else None
     tcfg = model.TokenizerConfig(**tcfg) if tcfg else model.TokenizerConfig()  # the paper's: 16384 codes, 256 tokens
     gcfg = dataclasses.replace(GPT_PRESETS[cfg.gpt], vocab_size=tcfg.codebook_size, block_size=tcfg.num_tokens,
                                num_classes=cfg.num_classes or GPT_PRESETS[cfg.gpt].num_classes)
@@ -345,14 +367,19 @@ def main(cfg: ARConfig):
     master = rank == 0
     micro = runtime.micro_batch(cfg, world)
     precision, autocast = runtime.autocast_for(cfg.precision, device)
-    if not os.path.exists(cfg.tokenizer):
+    if not (os.path.exists(cfg.tokenizer) or model.is_url(cfg.tokenizer)):
         raise runtime.UserError(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first (`python train_tokenizer.py` "
                          f"for the toy), or pass --tokenizer <ours or an official GigaTok checkpoint>")
     tok = model.load_tokenizer(cfg.tokenizer, device=device)  # eval mode, frozen; encodes in fp32 as official
+    # --data "": the data the tokenizer was trained on, whose classes it recorded
+    tok_config = model.read_checkpoint(cfg.tokenizer).get("config")
+    cfg, data_from, tok_classes = runtime.trained_data(cfg, tok_config, "the tokenizer checkpoint")
 
     # 1. the codes (training: ten crops of the 1.1x center crop; validation: the center crop), cached
-    (codes, labels, classes), (val_codes, val_labels, _) = (
-        code_cache(tok, cfg, split, views, rank, world, device) for split, views in (("train", 10), ("val", 1)))
+    (codes, labels, meta), (val_codes, val_labels, _) = (
+        code_cache(tok, cfg, split, views, rank, world, device, tok_classes)
+        for split, views in (("train", 10), ("val", 1)))
+    classes, names = meta["classes"], meta.get("names", meta["classes"])
     fingerprint, tcfg = tokenizer_fingerprint(tok), tok.cfg
     del tok  # the tokenizer is not needed while the GPT trains
 
@@ -366,14 +393,18 @@ def main(cfg: ARConfig):
     optimizer, scaler = make_optimizer(gpt, cfg, device, precision)  # after FSDP, which replaces the parameters
     parts = dict(model=gpt, optimizer=(gpt, optimizer), scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
-    if os.path.exists(ckpt_path) and not cfg.fresh:
-        step = runtime.resume(ckpt_path, parts, dict(tokenizer_fingerprint=fingerprint), asdict(cfg), master)
-    config = dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes, tokenizer_fingerprint=fingerprint)
+    dataset = dict(data=cfg.data, classes=classes)  # what the model's class embeddings stand for
+    if os.path.exists(ckpt_path) and not cfg.fresh:  # the same data, codes and model, or another run (a line)
+        identity = dict(dataset=dataset, tokenizer_fingerprint=fingerprint, gpt=asdict(gcfg))
+        step = runtime.resume(ckpt_path, parts, identity, asdict(cfg), master)
+    config = dict(gpt=asdict(gcfg), dataset=dataset, train=asdict(cfg), classes=classes, names=names,
+                  tokenizer_fingerprint=fingerprint)
     save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)
     entropy = unigram_entropy(codes, gcfg.vocab_size) if master else None  # for the log, on the main process only
     log = runtime.Logger(cfg.out_dir, master)
     if master:  # the start-up lines, and the memory plan
-        log.say(summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy))
+        log.say(summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step,
+                        entropy, data_from))
         log.say(memory_plan(cfg, gcfg, world, precision))
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
@@ -383,7 +414,8 @@ def main(cfg: ARConfig):
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
     t0, start = time.time(), step
-    while step < cfg.max_steps:
+    stop = runtime.Interrupt()  # Ctrl-C: the step in progress ends, then the run is saved
+    while step < cfg.max_steps and not stop(device):
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -409,6 +441,12 @@ def main(cfg: ARConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
+    if stop.restore():  # Ctrl-C: saved at the step reached, and the same command continues from there
+        save()
+        log.say(f"interrupted at step {step}, saved {ckpt_path}; run the same command"
+                f"{' without --fresh' if cfg.fresh else ''} to continue")
+        runtime.cleanup_distributed()
+        raise SystemExit(130)  # the shell's status for Ctrl-C
     val = evaluate() if val is None else val
     if master:
         print(f"validation cross-entropy {val:.4f} nats per code at step {step} (unigram entropy of the training "

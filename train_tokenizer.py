@@ -12,6 +12,7 @@ shares with the others lives in runtime.py (command line, processes, checkpoints
 import dataclasses
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -53,15 +54,15 @@ class TrainConfig:
     aux_loss_end: int = -1       # the shortcut reconstruction + feature loss run until this step; -1 = preset's
     disc_start: int = -1         # step at which the PatchGAN starts; -1 = the preset's (paper 20k)
     disc_weight: float = 0.5     # g: weight of the hinge GAN terms, generator and discriminator
-    perceptual_weight: float = 1.0  # LPIPS weight
-    semantic_weight: float = 0.5    # weight of the semantic regularization (Sec. 3.2)
-    teacher: str = ""            # DINOv2 hub entry; "" = the preset's (dinov2_vitb14; toy dinov2_vits14); "none" = off
+    perceptual_weight: float = -1.0  # LPIPS weight; -1 = the preset's (paper 1; toys 0); 0 = no LPIPS (its
+                                     # VGG16 is not loaded)
+    semantic_weight: float = -1.0    # weight of the semantic regularization (Sec. 3.2); -1 = the preset's
+                                     # (paper 0.5; toys 0); 0 = no teacher (none is loaded)
+    teacher: str = ""            # DINOv2 hub entry of the semantic regularization; "" = the preset's
+                                 # (dinov2_vitb14; toys dinov2_vits14)
     teacher_repo: str = "facebookresearch/dinov2"  # torch.hub repo, or a local checkout (offline clusters)
-    lpips: bool = True           # perceptual loss; false = opt out (e.g. offline without the weight files)
     vgg_path: str = ""           # local VGG16 ImageNet state dict (torchvision's vgg16-397923af.pth); "" = download
     lpips_lin_path: str = ""     # local LPIPS v0.1 vgg.pth linear heads; "" = download
-    missing_helpers: str = ""    # a teacher or LPIPS that cannot be loaded: "stop" or "warn" (train without it);
-                                 # "" = the preset's (paper presets stop, the toy warns)
     precision: str = "auto"      # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp16" (GradScaler), "fp32"
                                  # (bf16 on a CPU: one with native bf16, AVX-512 BF16 or AMX)
     compile: bool = False        # torch.compile the tokenizer
@@ -81,10 +82,13 @@ class TrainConfig:
     max_bad_steps: int = 5       # a non-finite loss or gradient skips its step; this many in a row stop the run
 
 
-# what the toys' training shares (ours): a small batch at a high lr, no shortcut losses or GAN; the small DINOv2 as
-# the teacher, and a run without teacher or LPIPS when they cannot be loaded (offline laptops)
+# what the toys' training shares (ours): a small batch at a high lr, no shortcut losses or GAN, and neither
+# LPIPS nor the teacher unless asked for (--perceptual-weight 1 --semantic-weight 0.5, the paper's weights),
+# so that a laptop run is the same online and offline, with nothing to download; the small DINOv2 when a
+# teacher is asked for
 _TOY = dict(batch_size=16, warmup=50, aux_loss_end=0, disc_start=10 ** 9, lr=1e-3, end_lr=1e-4, log_interval=50,
-            image_interval=250, ckpt_interval=250, teacher="dinov2_vits14", missing_helpers="warn")
+            image_interval=250, ckpt_interval=250, perceptual_weight=0.0, semantic_weight=0.0,
+            teacher="dinov2_vits14")
 
 # Training defaults per preset (spec 1.8, 4.3): global batch, warmup, entropy weight, aux-loss end, disc start,
 # and length (epochs of ImageNet's 1.28M images, as the official scripts count them: steps = epochs*1.28M/batch).
@@ -108,7 +112,7 @@ TRAIN_PRESETS = {  # batch, warmup, entropy, aux_end, disc_start, epochs | steps
     "toy-2d": dict(_TOY, entropy_weight=0.005, max_steps=450),
 }
 PAPER_DEFAULTS = dict(lr=1e-4, end_lr=1e-5, ema=0.0, log_interval=100, image_interval=2000, ckpt_interval=5000,
-                      teacher="dinov2_vitb14", missing_helpers="stop")
+                      perceptual_weight=1.0, semantic_weight=0.5, teacher="dinov2_vitb14")  # Sec. 3.2
 IMAGENET_TRAIN_IMAGES = 1_280_000  # 5000 * 256, the official scripts' epoch
 
 
@@ -121,7 +125,8 @@ def resolve(cfg):
         # e.g. S-S: 100 * 1.28M / 128 = 1.0M
         p["max_steps"] = p.pop("epochs") * IMAGENET_TRAIN_IMAGES // p["batch_size"]
     fill = {k: v for k, v in p.items() if getattr(cfg, k) in (-1, "")}  # only the fields left at "the preset's"
-    return dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/tokenizer-{cfg.size}", **fill)
+    data = cfg.data if cfg.data == "synthetic" else os.path.abspath(cfg.data)  # as the checkpoint records it
+    return dataclasses.replace(cfg, data=data, out_dir=cfg.out_dir or f"out/tokenizer-{cfg.size}", **fill)
 
 def validate(cfg):
     """Every training field in its range, before anything starts (the flag, its value and what is valid)."""
@@ -138,7 +143,8 @@ def validate(cfg):
         *[(getattr(cfg, k) >= 1, k, "1 or more") for k in ("log_interval", "image_interval", "ckpt_interval",
                                                             "eval_images")],
         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"), (cfg.plan_world >= 0, "plan_world", "0 or more"),
-        (cfg.missing_helpers in ("stop", "warn"), "missing_helpers", "stop or warn")])  # --precision: runtime.autocast_for checks it
+        (cfg.semantic_weight == 0 or TOKENIZER_PRESETS[cfg.size].teacher_dim > 0, "semantic_weight",
+         f"0 for --size {cfg.size}, which has no semantic head")])  # --precision: runtime.autocast_for
     return cfg
 
 
@@ -161,8 +167,11 @@ class Teacher(torch.nn.Module):
     def __init__(self, name, repo, grid):
         super().__init__()
         local = os.path.isdir(repo)
-        self.net = torch.hub.load(repo, name, source="local" if local else "github", **({} if local else
-                                  dict(trust_repo=True, skip_validation=True)))
+        # DINOv2's modules warn at import that xFormers is absent: three lines at every start, nothing to do
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="xFormers is not available")
+            self.net = torch.hub.load(repo, name, source="local" if local else "github", **({} if local else
+                                      dict(trust_repo=True, skip_validation=True)))
         self.net.eval().requires_grad_(False)
         self.grid, self.patch = grid, int(getattr(self.net, "patch_size", 14))
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
@@ -184,10 +193,10 @@ def semantic_loss(student, teacher):
     return -F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
 
 
-def load_frozen(what, load, flags, cfg, rank):
-    """Load a frozen helper (rank 0 first, so a download happens once). If it fails: with --missing-helpers stop
-    the run stops and says how to fix it; with warn it says so once and trains without it. flags: (the flags
-    that give local files, the flag that opts out)."""
+def load_frozen(what, load, flags, rank):
+    """Load a frozen helper (rank 0 first, so a download happens once). A helper is loaded because its loss
+    weight asks for it, so one that cannot be loaded stops the run with a line that says how to fix it.
+    flags: (the flags that give local files, the flag that opts out)."""
     def attempt():
         try:
             return load(), None
@@ -199,32 +208,29 @@ def load_frozen(what, load, flags, cfg, rank):
     if rank != 0:  # ... and the other processes then read it from there
         net, err = attempt()
     if err:
-        fix = f"give the machine network access, pass {flags[0]}, or opt out with {flags[1]}"
-        if cfg.missing_helpers == "stop":
-            raise runtime.UserError(f"could not load {what}: {err}\nfix: {fix}")
-        if rank == 0:
-            print(f"warning: could not load {what} ({err}). Training without it; to use it, {fix}.")
+        raise runtime.UserError(f"could not load {what}: {err}\nfix: give the machine network access, pass "
+                                f"{flags[0]}, or train without it: {flags[1]}")
     return net
 
 
 def build_models(cfg, device, rank, world):
-    """-> the tokenizer, the discriminator, and the frozen teacher and LPIPS (None when off or not loadable)."""
+    """-> the tokenizer, the discriminator, and the frozen teacher and LPIPS (None when their weight is 0)."""
     tcfg = TOKENIZER_PRESETS[cfg.size]
     torch.manual_seed(cfg.seed)  # the init is a function of the seed: every process builds the same model
     tok = runtime.build(lambda: Tokenizer(tcfg), cfg, world, rank, device)  # under FSDP: in memory on rank 0 only
     disc = PatchDiscriminator().to(device)
     runtime.broadcast(disc.parameters())  # rank 0's (the RNG has drawn its init after a tokenizer on the meta device)
     teacher = lpips = None
-    if tcfg.teacher_dim and cfg.teacher != "none":
+    if cfg.semantic_weight > 0:  # validate(): only a tokenizer with a semantic head gets here
         teacher = load_frozen(f"the DINOv2 teacher {cfg.teacher} from {cfg.teacher_repo}",
                               lambda: Teacher(cfg.teacher, cfg.teacher_repo, tcfg.grid).to(device),
                               ("--teacher-repo <a checkout of facebookresearch/dinov2, with the weights in "
-                               "$TORCH_HOME/hub/checkpoints>", "--teacher none"), cfg, rank)
-    if cfg.lpips and cfg.perceptual_weight > 0:
+                               "$TORCH_HOME/hub/checkpoints>", "--semantic-weight 0"), rank)
+    if cfg.perceptual_weight > 0:
         lpips = load_frozen("the LPIPS weights (VGG16 + linear heads)",
                             lambda: model.load_lpips(LPIPS(), cfg.vgg_path or None, cfg.lpips_lin_path or None)
                             .to(device).train(),  # train mode: dropout in its heads, as the official trainer
-                            ("--vgg-path and --lpips-lin-path (local files)", "--lpips false"), cfg, rank)
+                            ("--vgg-path and --lpips-lin-path (local files)", "--perceptual-weight 0"), rank)
     return tok, disc, teacher, lpips
 
 
@@ -267,8 +273,9 @@ def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, de
         f"data {cfg.data} ({train_set.layout}): {len(train_set)} training / {len(val_set)} held-out images of "
         f"{len(train_set.classes)} classes at {tok.cfg.image_size}px; {cfg.batch_size} images per step = {world} processes x "
         f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}\n"
-        f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'}; "
-        f"LPIPS: {'on' if lpips else 'off'}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
+        f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'} "
+        f"(semantic weight {cfg.semantic_weight:g}); LPIPS: {'on' if lpips else 'off'} (perceptual weight "
+        f"{cfg.perceptual_weight:g}); steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
         f"{cfg.warmup}, cosine to {cfg.end_lr:g}), weight average {cfg.ema or 'off'}, disc_start {cfg.disc_start}, "
         f"aux_loss_end {cfg.aux_loss_end}"
         + (f"; resuming from step {step}" if step else ""))
@@ -283,13 +290,13 @@ def memory_plan(cfg, world, precision, with_teacher=True, with_lpips=True):
     max_steps, the shortcut's while step < aux_loss_end); the teacher's weights by its parameter count.
     with_teacher, with_lpips: False when the run goes without them (not loadable)."""
     tcfg, micro, gan = TOKENIZER_PRESETS[cfg.size], runtime.micro_batch(cfg, world), cfg.disc_start < cfg.max_steps
-    use_lpips = with_lpips and cfg.lpips and cfg.perceptual_weight > 0
+    use_lpips = with_lpips and cfg.perceptual_weight > 0
     mode, (tok, disc, lpips) = runtime.fake_modules(lambda: (Tokenizer(tcfg), PatchDiscriminator(),
                                                              LPIPS() if use_lpips else None))
     # CPU autocast stands in for CUDA's (fake tensors: this CPU's own bf16 does not matter)
     autocast = runtime.autocast_for(precision, torch.device("cpu"), planning=True)[1]
 
-    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and tcfg.teacher_dim and cfg.teacher != "none" else 0
+    teacher = DINOV2_PARAMS.get(cfg.teacher, 0) if with_teacher and cfg.semantic_weight > 0 else 0
     # a stand-in for the frozen teacher's features (B, g*g, teacher dim), so that the semantic head and loss count
     features = (lambda x: x.new_zeros(len(x), tcfg.grid ** 2, tcfg.teacher_dim)) if teacher else None
 
@@ -417,8 +424,13 @@ def main(cfg: TrainConfig):
     train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # idle: semantic head, shortcut
     opt, scaler, opt_d, scaler_d, ema, parts = optimizers(tok, disc, cfg, device, precision)  # after FSDP
     averaged = ema.applied if ema else nullcontext  # the weights to show, to measure and to hand on
-    step = runtime.resume(ckpt_path, parts, dict(tokenizer=asdict(tok.cfg)), asdict(cfg), master) if resuming else 0
-    config = dict(tokenizer=asdict(tok.cfg), train=asdict(cfg), classes=train_set.classes)  # plain dicts
+    # what it learns from, which train_ar.py, sample.py and evaluate.py take as theirs: another data set in
+    # the same folder is another run, refused on resume as another architecture is
+    dataset = dict(data=cfg.data, num_classes=cfg.num_classes, per_class=cfg.per_class)
+    identity = dict(tokenizer=asdict(tok.cfg), dataset=dataset)
+    step = runtime.resume(ckpt_path, parts, identity, asdict(cfg), master) if resuming else 0
+    config = dict(tokenizer=asdict(tok.cfg), dataset=dataset, train=asdict(cfg), classes=train_set.classes,
+                  names=getattr(train_set, "names", train_set.classes))  # plain dicts; names: "goldfish", ...
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
     log.say(summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step))
@@ -426,13 +438,14 @@ def main(cfg: TrainConfig):
         log.say(memory_plan(cfg, world, precision, teacher is not None, lpips is not None))
 
     # 2. the loop: a generator step (the tokenizer), then a discriminator step once the GAN has started
+    stop = runtime.Interrupt()  # Ctrl-C: the step in progress ends, the run is saved (made before the loader)
     batches = data.train_batches(train_set, micro, rank, world, cfg.seed, start=step * cfg.grad_accum,
                                  num_workers=data.workers(cfg.num_workers, device))
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
     t0, start = time.time(), step
-    while step < cfg.max_steps:
+    while step < cfg.max_steps and not stop(device):
         lr = runtime.get_lr(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.end_lr)  # warmup, then cosine to end_lr
         for group in opt.param_groups + opt_d.param_groups:  # one schedule for both networks
             group["lr"] = lr
@@ -473,6 +486,12 @@ def main(cfg: TrainConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
+    if stop.restore():  # Ctrl-C: saved at the step reached, and the same command continues from there
+        save()
+        log.say(f"interrupted at step {step}, saved {ckpt_path}; run the same command"
+                f"{' without --fresh' if cfg.fresh else ''} to continue")
+        runtime.cleanup_distributed()
+        raise SystemExit(130)  # the shell's status for Ctrl-C
     if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
         save()
     with averaged():
