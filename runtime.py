@@ -17,6 +17,7 @@ the optimizer step), and the memory plan.
 import argparse
 import ctypes
 import dataclasses
+import datetime
 import functools
 import glob
 import inspect
@@ -147,8 +148,23 @@ def setup(cfg, tf32=False):
     else:
         dev = torch.device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # gloo: CPU processes (the CI's tests)
+        # gloo: CPU processes (the CI's tests). A collective that waits longer than `timeout` ends the run (NCCL's
+        # watchdog, 10 minutes by default): the processes wait at barriers behind long work of one or some of them
+        # (rank 0 writing a multi-GB checkpoint, downloading the helpers; train_ar.py's code extraction), so 2 hours.
+        # device_id binds the process group to this GPU at once (NCCL's communicator is made eagerly).
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=dev if dev.type == "cuda" else None)
     return rank, world, dev
+
+
+def on_rank0(value):
+    """Rank 0's value of a small picklable object in every process (a decision: does a checkpoint exist, did a
+    helper load), so that processes whose file systems or networks differ still take one path; as is alone."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)  # pickled, sent from rank 0 (through the GPU under NCCL)
+    return box[0]
 
 
 def keep_freed_memory():
