@@ -326,6 +326,17 @@ def shard(net, precision):
             register_fsdp_forward_method(net, method)
 
 
+def reshard(net):
+    """FSDP: free every unit's gathered weights. The root unit stays gathered after a forward without gradients
+    (torch/distributed/fsdp/_fully_shard/_fsdp_state.py, _lazy_init: no reshard after forward for the root), and
+    the next forward reuses what was gathered instead of reading the shards: after weights are written into the
+    shards (EMA.applied), the gathered copies must go. A no-op unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def is_sharded(net):
     from torch.distributed.fsdp import FSDPModule
     return isinstance(getattr(net, "_orig_mod", net), FSDPModule)  # seen through torch.compile's wrapper
@@ -481,6 +492,7 @@ class EMA:
             try:
                 yield
             finally:
+                reshard(self.module)  # FSDP: drop the units gathered with the average (see reshard)
                 torch._foreach_copy_(self.avg, params)
                 torch._foreach_copy_(params, live)
 

@@ -1715,6 +1715,29 @@ def test_fsdp_two_processes_equal_one():
         model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))          # the loader reads it as any of ours
 
 
+def test_fsdp_with_a_weight_average_shown_every_step_equals_one_process():
+    # FSDP2 keeps the root unit (codebook, quant convs, the CNN's middle, the heads) gathered after a forward without
+    # gradients; the pictures and the held-out PSNR run with the average swapped in (EMA.applied), so the root must
+    # be resharded on leaving it, or the next training step runs on the averaged root. The 2D toy, as in
+    # test_fsdp_two_processes_equal_one; a fast average (0.5), so that the average is far from the weights
+    run = dict(TOK_RUN, size="toy-2d", max_steps=4, ema=0.5, image_interval=1, eval_images=8)
+    with tempfile.TemporaryDirectory() as d:
+        one = _tok_in_process(os.path.join(d, "one"), **run)
+        _torchrun("train_tokenizer", **run, fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        fsdp = _ckpt(os.path.join(d, "fsdp"))
+        for key in ("model", "ema"):
+            diff = _max_diff(one[key], fsdp[key])
+            assert diff <= 1e-5, (key, diff)
+        psnr = [_last_log(os.path.join(d, run))["val_psnr"] for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr
+
+
+def _last_log(folder):
+    import json
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return json.loads(f.readlines()[-1])
+
+
 def test_fsdp_start_up_is_the_plain_init_exactly():
     # under FSDP only rank 0 builds the model in memory, the other process on the meta device; rank 0 hands out
     # its weights one tensor at a time (runtime.build, fill_from_rank0): the init is the plain run's, to the bit
