@@ -445,12 +445,17 @@ def optimizer_step(optimizer, scaler, params, clip, average=False):
 
 class BadSteps:
     """Counts the optimizer steps that a non-finite gradient norm skipped (see optimizer_step); `limit` of them in a
-    row stop the run with a clear message, leaving the last good checkpoint as it is."""
+    row stop the run with a clear message, leaving the last good checkpoint as it is. fp16: a step that the
+    GradScaler skipped while its scale is still above 1 is not counted: the loss scale starts at 2^16 and halves
+    on each overflow of the scaled gradients, which says that the scale is too large, not that the gradients are
+    bad (a loss that is NaN at any scale drives the scale below 1 within ~17 steps, and is then counted)."""
     def __init__(self, limit, ckpt_path):
         self.limit, self.ckpt_path, self.total, self.in_row = limit, ckpt_path, 0, 0
 
-    def __call__(self, grad_norm, step):
+    def __call__(self, grad_norm, step, scaler=None):
         finite = bool(torch.isfinite(grad_norm))  # a NaN anywhere makes the total norm NaN
+        if not finite and scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1:
+            return  # the scaler calibrating (get_scale: the scale after update(), halved for this step)
         self.total, self.in_row = self.total + (not finite), 0 if finite else self.in_row + 1
         if self.limit and self.in_row >= self.limit:
             raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "

@@ -1457,6 +1457,28 @@ def test_nonfinite_steps_are_skipped_and_counted_and_a_run_of_them_stops_cleanly
         train_tokenizer.loss_terms = real
 
 
+def test_fp16_loss_scale_calibration_does_not_stop_a_run_but_a_nan_loss_still_does():
+    # The GradScaler halves its scale on every step whose scaled gradients overflow and skips that step: calibration,
+    # not a bad step. Gradients of ~1e10 overflow fp32 at a scale above ~2^98, so 2^120 takes ~20 skips to calibrate
+    torch.manual_seed(0)
+    net, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    scaler, bad = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120), runtime.BadSteps(5, "ckpt.pt")
+    w0 = net.weight.detach().clone()
+    for step in range(60):
+        scaler.scale(1e10 * net(x).pow(2).mean()).backward()
+        bad(runtime.optimizer_step(opt, scaler, net.parameters(), 10.0), step, scaler)  # no SystemExit
+    assert bad.total == 0 and scaler.get_scale() < 2.0 ** 100 and not torch.equal(w0, net.weight)  # it trained
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # a NaN loss overflows at every scale
+    try:
+        for step in range(30):
+            scaler.scale(net(x).sum() * float("nan")).backward()
+            bad(runtime.optimizer_step(opt, scaler, net.parameters(), 10.0), step, scaler)
+        raise AssertionError("a NaN loss went on")
+    except SystemExit as e:
+        assert "not finite for 5 steps in a row" in str(e) and scaler.get_scale() < 1, (e, scaler.get_scale())
+
+
 def test_resume_accepts_changed_training_fields_and_names_changed_architecture_fields():
     with tempfile.TemporaryDirectory() as d:
         _tok_run(d, max_steps=2)

@@ -397,7 +397,7 @@ def main(cfg: ARConfig):
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
             scaler.scale(loss / cfg.grad_accum).backward()  # gradients accumulate over the micro-steps
         grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)  # clip at 1 (official)
-        bad(grad_norm, step)  # a non-finite loss skipped this update
+        bad(grad_norm, step, scaler)  # a non-finite loss skipped this update (fp16: unless calibrating)
         step += 1
         bar.update()
         if step % cfg.log_interval == 0 or step == cfg.max_steps:

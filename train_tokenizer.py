@@ -456,7 +456,7 @@ def main(cfg: TrainConfig):
                     d_loss = discriminator_loss(disc, x, recons, g)
                 scaler_d.scale(d_loss / cfg.grad_accum).backward()
         grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
-        bad(grad_norm, step)  # a non-finite loss skipped this update
+        bad(grad_norm, step, scaler)  # a non-finite loss skipped this update (fp16: unless calibrating)
         if ema:
             ema.update()
         if g > 0:  # the discriminator is not wrapped in DDP or FSDP: its gradients are averaged here
