@@ -405,13 +405,15 @@ def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
 
 
 def grad_sync(net, sync):
-    """The context of a micro-step's forward: gradients are reduced over the processes only when sync (the last
-    micro-step of an optimizer step); before that they accumulate locally. DDP: no_sync(); FSDP: a flag that
-    holds until changed (so it is set at every micro-step)."""
+    """The context of a micro-step's forward. DDP: gradients are all-reduced only when sync (the last micro-step of
+    an optimizer step), before that they accumulate locally (no_sync()). FSDP reduce-scatters every micro-step
+    into the sharded gradients, which then accumulate: without the sync, FSDP2 would keep each unit's whole
+    gradient, unsharded and in fp32, across the micro-steps (torch/distributed/fsdp/_fully_shard/_fsdp_param.py,
+    to_accumulated_grad_if_needed), a whole model's fp32 gradients per process; the cost is one more
+    reduce-scatter per unit and micro-step, which overlaps the backward as the last one does."""
+    net = getattr(net, "_orig_mod", net)  # seen through torch.compile's wrapper
     if isinstance(net, torch.nn.parallel.DistributedDataParallel):
         return nullcontext() if sync else net.no_sync()
-    if is_sharded(net):
-        net.set_requires_gradient_sync(sync)
     return nullcontext()
 
 

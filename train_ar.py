@@ -391,7 +391,7 @@ def main(cfg: ARConfig):
         for k in range(cfg.grad_accum):
             position = ((step * cfg.grad_accum + k) * world + rank) * micro        # in the stream of sequences
             x, y = (t.to(device) for t in code_batch(codes, labels, position, micro, cfg.seed))  # (B, N), (B,)
-            sync = k == cfg.grad_accum - 1 or world == 1                           # reduce on the last micro-step
+            sync = k == cfg.grad_accum - 1 or world == 1                           # DDP: on the last micro-step
             with runtime.grad_sync(train, sync), autocast:
                 logits = train(x, y)                                               # (B, N, vocab), fp32
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]

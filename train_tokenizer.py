@@ -441,7 +441,7 @@ def main(cfg: TrainConfig):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout masks: a function of the step
         for k in range(cfg.grad_accum):
             x = next(batches)[0].to(device, non_blocking=True)  # (micro, 3, S, S)
-            sync = k == cfg.grad_accum - 1 or world == 1         # gradients are reduced on the last micro-step only
+            sync = k == cfg.grad_accum - 1 or world == 1         # DDP reduces on the last micro-step only
             with runtime.grad_sync(train, sync), autocast:
                 t, recons = loss_terms(train, x, teacher, lpips, disc, g > 0, early, cfg.entropy_weight > 0)
                 # L_G = MSE + w_p LPIPS + g GAN + (codebook + beta commitment + w_e entropy) + feat + w_s semantic
