@@ -318,6 +318,9 @@ def shard(net, precision):
         else MixedPrecisionPolicy()  # fp32 (CPU): no casts
     for block in blocks(net):
         fully_shard(block, mp_policy=mp)
+    if isinstance(net, model.Tokenizer):  # the code choice in float32 (Tokenizer.to_code_space): one unit whose
+        fully_shard([net.quant_conv, net.quantizer])  # weights are gathered as they are (fp32), not in bf16
+        register_fsdp_forward_method(net.quantizer, "lookup")  # decode's codebook lookup gathers it too
     fully_shard(net, mp_policy=mp)
     # the tokenizer returns views (its codes); nothing modifies them in place, which is what FSDP warns of
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -468,14 +468,14 @@ def main(cfg: TrainConfig):
             log(step, loss=loss.item(), **{k: v.item() for k, v in t.items()}, d_loss=d_loss.item() if g > 0 else 0.0,
                 usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=img_per_s, skipped=bad.total)
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
-            with averaged():  # the weights the run hands on
+            with averaged(), autocast:  # the weights the run hands on, at the precision it trains in
                 show(tok, shown, val_set, step, cfg, log, rank, world, device)
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
     if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
         save()
-    with averaged():
+    with averaged(), autocast:
         val_psnr, usage = final_report(tok, val_set, step, cfg, log, ckpt_path, rank, world, device)
     runtime.cleanup_distributed()
     return dict(step=step, val_psnr=val_psnr, usage=usage, tokenizer=tok, discriminator=disc, teacher=teacher)
