@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 
 import numpy as np
 import torch
@@ -37,6 +38,15 @@ import train_tokenizer
 from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _needs(cuda_devices=0, native_bf16=False):
+    """Skip the calling test (counted as skipped, here and under pytest) on a machine without this many CUDA
+    devices, or without a CPU that computes in bf16 natively."""
+    if torch.cuda.device_count() < cuda_devices:
+        raise unittest.SkipTest(f"needs {cuda_devices} CUDA device{'s' if cuda_devices > 1 else ''}")
+    if native_bf16 and not runtime.native_bf16():
+        raise unittest.SkipTest("needs a CPU with native bf16 (AVX-512 BF16 or AMX)")
 
 # ---- model.py / quantizer.py ----
 
@@ -114,6 +124,40 @@ def test_quantizer_eval_output_is_codebook_lookup_of_its_indices():
     cos = F.normalize(z, dim=-1) @ F.normalize(vq.embedding.weight, dim=-1).t()
     assert torch.equal(codes, cos.argmax(-1))
     assert torch.allclose(z_q.norm(dim=-1), torch.ones(4, 16))
+
+
+def _code_choice_at_low_precision(device):
+    """The codes and the quantizer's losses of one set of transformer features (B, N, z) are the float32 ones
+    under a bf16 autocast, and on CUDA with TF32 on too (as the trainers run): the code choice is float32."""
+    torch.manual_seed(0)
+    tok = Tokenizer(toy_cfg(codebook_size=16384)).to(device)
+    h = torch.randn(32, tok.cfg.num_tokens, tok.cfg.z_channels, device=device)  # stand-in features (32, 64, z)
+    class Features(torch.nn.Module):                                   # the tokenizer's input: h, whatever x
+        def forward(self, s):
+            return h
+    tok.cnn_encoder, tok.encoder = torch.nn.Identity(), Features()
+    x = torch.zeros(32, 3, 64, 64, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        runs = []
+        for autocast in (contextlib.nullcontext(), torch.autocast(device, torch.bfloat16)):
+            with autocast:
+                with torch.no_grad():
+                    codes = tok.eval().encode(x)                       # (32, 64)
+                aux = tok.train()(x, entropy=True)[1]
+            runs.append((codes, aux))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    (ref, ref_aux), (low, low_aux) = runs
+    assert torch.equal(ref, low), f"{(ref != low).float().mean().item():.2%} of the codes differ"
+    assert torch.equal(ref_aux["codes"], low_aux["codes"]) and torch.equal(ref, ref_aux["codes"])
+    for k in ("codebook", "commitment", "entropy"):
+        assert low_aux[k].dtype == torch.float32 and torch.equal(ref_aux[k], low_aux[k]), k
+
+
+def test_code_choice_is_float32_under_a_bf16_autocast():
+    _code_choice_at_low_precision("cpu")
 
 
 def test_quantizer_searches_in_blocks_with_the_same_codes():
@@ -1754,6 +1798,19 @@ def test_fsdp_with_a_weight_average_shown_every_step_equals_one_process():
         assert abs(psnr[0] - psnr[1]) < 1e-3, psnr
 
 
+def test_held_out_psnr_at_bf16_is_the_same_with_and_without_fsdp():
+    # The held-out PSNR and the pictures run under the training's autocast in every mode; the code choice in float32
+    # (FSDP's bf16 policy gathers every unit but the quantizer's in bf16). Before: pure bf16 under FSDP (a bf16
+    # codebook), float32 without. The initial weights (max_steps 0), so that only the evaluation can differ
+    _needs(native_bf16=True)
+    run = dict(TOK_RUN, size="toy-2d", max_steps=0, precision="bf16", eval_images=16)
+    with tempfile.TemporaryDirectory() as d:
+        _tok_in_process(os.path.join(d, "one"), **run)
+        _torchrun("train_tokenizer", **run, fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        psnr = [_last_log(os.path.join(d, run))["val_psnr"] for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr
+
+
 def _last_log(folder):
     import json
     with open(os.path.join(folder, "log.jsonl")) as f:
@@ -1974,18 +2031,21 @@ def test_code_cache_written_by_two_processes_or_with_loading_workers_equals_one(
 def _run(pattern=""):
     import traceback
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
-    passed = failed = 0
+    passed = failed = skipped = 0
     for name, fn in tests:
         t0 = time.time()
         try:
             fn()
             passed += 1
             print(f"ok    {name} ({time.time() - t0:.1f}s)", flush=True)
+        except unittest.SkipTest as e:  # a test for a device this machine lacks (see _needs)
+            skipped += 1
+            print(f"skip  {name}: {e}", flush=True)
         except (Exception, SystemExit):  # SystemExit too: a runtime.UserError that escapes fails its test, not the run
             failed += 1
             print(f"FAIL  {name} ({time.time() - t0:.1f}s)", flush=True)
             traceback.print_exc()
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return failed
 
 
