@@ -167,6 +167,15 @@ def on_rank0(value):
     return box[0]
 
 
+def everywhere(flag):
+    """Whether flag holds in every process (a helper that loaded on every node); flag itself alone."""
+    if not dist.is_initialized():
+        return bool(flag)
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))  # pickled (through the GPU under NCCL)
+    return all(flags)
+
+
 def keep_freed_memory():
     """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the OS at once. By default a
     block above its mmap threshold (128 KiB, rising to at most 32 MiB) is mapped fresh on every allocation and
@@ -269,9 +278,13 @@ def resume(path, parts, identity, train, master):
     not change (the model's architecture, the codes it learns): a checkpoint made with another is refused.
     Training fields (batch size, lr ...) may change; the changed ones are named in a note. The checkpoint is read
     to CPU and freed here."""
-    if not os.path.exists(path):
+    if not on_rank0(os.path.exists(path)):  # rank 0 decides: every process resumes, or none
         return 0
-    ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
+    try:
+        ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
+    except FileNotFoundError:  # e.g. an --out-dir on a disk of rank 0's node only
+        raise UserError(f"{path}: rank 0 continues from this checkpoint, which process {dist.get_rank()} "
+                        f"cannot read; put --out-dir on a file system that every node shares") from None
     for key, value in identity.items():  # e.g. {"tokenizer": the architecture's config dict}
         theirs = ckpt["config"].get(key)  # what the checkpoint was made with
         if not same(theirs, value):

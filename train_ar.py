@@ -366,7 +366,7 @@ def main(cfg: ARConfig):
     optimizer, scaler = make_optimizer(gpt, cfg, device, precision)  # after FSDP, which replaces the parameters
     parts = dict(model=gpt, optimizer=(gpt, optimizer), scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
-    if os.path.exists(ckpt_path) and not cfg.fresh:
+    if runtime.on_rank0(os.path.exists(ckpt_path)) and not cfg.fresh:  # one decision for all processes
         step = runtime.resume(ckpt_path, parts, dict(tokenizer_fingerprint=fingerprint), asdict(cfg), master)
     config = dict(gpt=asdict(gcfg), train=asdict(cfg), classes=classes, tokenizer_fingerprint=fingerprint)
     save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)

@@ -161,6 +161,8 @@ class Teacher(torch.nn.Module):
     def __init__(self, name, repo, grid):
         super().__init__()
         local = os.path.isdir(repo)
+        if not local and ":" not in repo:  # a named branch: without one torch.hub asks GitHub for the
+            repo += ":main"                # default branch at every load, cached or not (torch/hub.py)
         self.net = torch.hub.load(repo, name, source="local" if local else "github", **({} if local else
                                   dict(trust_repo=True, skip_validation=True)))
         self.net.eval().requires_grad_(False)
@@ -185,19 +187,24 @@ def semantic_loss(student, teacher):
 
 
 def load_frozen(what, load, flags, cfg, rank):
-    """Load a frozen helper (rank 0 first, so a download happens once). If it fails: with --missing-helpers stop
-    the run stops and says how to fix it; with warn it says so once and trains without it. flags: (the flags
-    that give local files, the flag that opts out)."""
+    """Load a frozen helper (the first process of each node first, so that a download happens once a node). If
+    it fails in any process: with --missing-helpers stop the run stops and says how to fix it; with warn it says
+    so once and every process trains without it. flags: (the flags that give local files, the flag that opts
+    out)."""
     def attempt():
         try:
             return load(), None
         except Exception as e:  # network, missing files, a broken checkout: all reported the same way
             return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if rank == 0:  # rank 0 first: a download goes into the shared cache once ...
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # the first process of each node (torchrun's)
+    if first:  # first: a download goes into the node's cache ($TORCH_HOME) once ...
         net, err = attempt()
     runtime.barrier()
-    if rank != 0:  # ... and the other processes then read it from there
+    if not first:  # ... and the node's other processes then read it from there
         net, err = attempt()
+    # every process trains with the helper or none does (their parameters and losses must be the same)
+    if not runtime.everywhere(net is not None):
+        net, err = None, err or "it could not be loaded in another process"
     if err:
         fix = f"give the machine network access, pass {flags[0]}, or opt out with {flags[1]}"
         if cfg.missing_helpers == "stop":
@@ -411,7 +418,7 @@ def main(cfg: TrainConfig):
     train_set, val_set, shown = datasets(cfg, device)
     tok, disc, teacher, lpips = build_models(cfg, device, rank, world)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resuming = os.path.exists(ckpt_path) and not cfg.fresh
+    resuming = runtime.on_rank0(os.path.exists(ckpt_path)) and not cfg.fresh  # one decision for all processes
     if cfg.init_from and not resuming:
         init_tokenizer(tok, cfg.init_from, master)
     train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # idle: semantic head, shortcut
@@ -473,7 +480,7 @@ def main(cfg: TrainConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
-    if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
+    if not runtime.on_rank0(os.path.exists(ckpt_path)) or (cfg.fresh and step == 0):  # max_steps 0: the init
         save()
     with averaged(), autocast:
         val_psnr, usage = final_report(tok, val_set, step, cfg, log, ckpt_path, rank, world, device)
