@@ -399,25 +399,30 @@ def fill_from_rank0(net, full, device):
 
 def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
     """The module to train with: `net` with activation checkpointing (cfg.checkpointing), sharded in place (cfg.fsdp,
-    several processes), compiled (cfg.compile), then wrapped in DDP when there are several processes and no FSDP.
+    several processes; compiled block by block before), or wrapped in DDP when there are several processes and no
+    FSDP, and then compiled (cfg.compile).
     Build the optimizer after this (FSDP replaces the parameters by their shards). Save and evaluate through `net`
     itself (its state dict has no wrapper prefixes)."""
     if cfg.checkpointing:
         checkpoint_blocks(net)
-    if cfg.fsdp and world > 1:  # one process: nothing to shard, a plain run
+    sharded = cfg.fsdp and world > 1  # one process: nothing to shard, a plain run
+    if cfg.compile and sharded:  # each block's forward compiled, FSDP's gathers and frees outside the graphs
+        for block in blocks(net):  # (compiling the sharded module would break its graph at every unit's hooks)
+            block.forward = torch.compile(block.forward)
+    if sharded:
         # rank 0's weights (the others built theirs on the meta device: see build), handed out one tensor at a time
         full = {k: t.detach() for k, t in [*net.named_parameters(), *net.named_buffers()]} if dist.get_rank() == 0 else {}
         shard(net.to("meta"), precision)  # every process: meta shards ...
         net.to_empty(device=device)       # ... given memory (uninitialized) ...
         fill_from_rank0(net, full, device)  # ... and rank 0's values
-    if cfg.compile:
-        net = torch.compile(net)  # compiled module, same parameters (and state dict, but for a prefix)
     if world > 1 and not cfg.fsdp:
         # all-reduces gradients in backward; the gradients are views into DDP's buckets (no second copy)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None, find_unused_parameters=find_unused,
                                                         gradient_as_bucket_view=True)
-    return net
+    if cfg.compile and not sharded:  # DDP wrapped first, then compiled: dynamo splits the graph at DDP's bucket
+        net = torch.compile(net)     # boundaries (DDPOptimizer, torch/_dynamo/backends/distributed.py), so that
+    return net                       # the all-reduces overlap the backward
 
 
 def grad_sync(net, sync):

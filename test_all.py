@@ -1706,12 +1706,12 @@ def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
 
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
 
-def _torchrun(script, nproc=2, **flags):
+def _torchrun(script, nproc=2, env=(), **flags):
     """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun: nproc CPU
-    processes over gloo, one thread each, on the cores this process may use."""
+    processes over gloo, one thread each, on the cores this process may use; env: more environment variables."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", script] + [f"--{k}={v}" for k, v in flags.items()]
-    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **dict(env)), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out = p.communicate(timeout=300)[0]
@@ -1723,6 +1723,12 @@ def _torchrun(script, nproc=2, **flags):
 
 def _worker(script, argv):  # the other end of _torchrun
     _register_tiny_ar()
+    if os.environ.get("TEST_COMPILE_BACKEND"):  # torch.compile with another backend (aot_eager: no C compiler)
+        import functools
+        torch.compile = functools.partial(torch.compile, backend=os.environ["TEST_COMPILE_BACKEND"])
+    if os.environ.get("TEST_BLIND_RANK") == os.environ["RANK"]:  # this process sees no checkpoint file (as on a
+        exists = os.path.exists                                     # node whose --out-dir is its own disk)
+        os.path.exists = lambda path: not str(path).endswith("ckpt.pt") and exists(path)
     module, config = dict(train_tokenizer=(train_tokenizer, train_tokenizer.TrainConfig),
                           train_ar=(train_ar, train_ar.ARConfig))[script]
     module.main(runtime.parse_config(config(), argv))
@@ -1867,6 +1873,34 @@ def test_fsdp_resume_is_exact_with_or_without_checkpointing_and_resumes_in_one_p
         alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)         # a sharded checkpoint, one process
         diff = _max_diff(straight["model"], alone["model"])
         assert alone["step"] == 4 and diff <= 1e-5, diff
+
+
+def test_the_resume_decision_is_rank_0s():
+    # every process continues from the checkpoint when rank 0 sees it, even one that does not see the file (here
+    # rank 1: os.path.exists says no): before, rank 0 resumed alone and the processes ran different steps
+    with tempfile.TemporaryDirectory() as d:
+        run = lambda folder, steps, **kw: _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
+                                                                           out_dir=os.path.join(d, folder)), **kw)
+        run("straight", 3)
+        run("resumed", 2)
+        run("resumed", 3, env=dict(TEST_BLIND_RANK="1"))
+        straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
+        assert resumed["step"] == 3 and all(_max_diff(straight[k], resumed[k]) == 0 for k in ("model", "optimizer"))
+
+
+def test_compile_with_fsdp_and_with_ddp_equals_eager():
+    # FSDP: each block's forward compiled before fully_shard (FSDP's hooks outside the graphs); DDP: the DDP module
+    # compiled (graphs split at its buckets). aot_eager traces forward and backward as inductor does, but runs
+    # torch's own kernels: no C compiler needed, and the same numbers as eager up to the order of a few sums
+    run = dict(TOK_RUN, size="toy-2d", max_steps=2, checkpointing="true")
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("fsdp", "ddp"):
+            for compiled in (False, True):
+                _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(), compile=str(compiled).lower(),
+                          out_dir=os.path.join(d, f"{mode}-{compiled}"), env=dict(TEST_COMPILE_BACKEND="aot_eager"))
+            eager, compiled = _ckpt(os.path.join(d, f"{mode}-False")), _ckpt(os.path.join(d, f"{mode}-True"))
+            diff = _max_diff(eager["model"], compiled["model"])
+            assert compiled["step"] == 2 and diff <= 1e-6, (mode, diff)
 
 
 def test_fsdp_ar_two_processes_with_accumulation_equal_one():
