@@ -718,13 +718,17 @@ class GPT(nn.Module):
 # Attention under a CPU autocast (ours: speed only; the numbers of an fp32 run are untouched)
 
 
+CPU_FP32_ATTENTION = True  # fp32_on_cpu on; the memory plan turns it off (it counts what CUDA runs)
+
+
 def fp32_on_cpu(attention, *args, **kw):
     """attention(*args, **kw), in fp32 under a CPU autocast (--precision bf16 on a CPU): torch's CPU attention kernels
     run slower in bf16 than in fp32 (torch 2.13, one AVX-512 BF16 core: the toy tokenizer's step 0.57 -> 0.51 s,
     gpt-b's decoding attention over 256 cached positions 3.3 -> 0.9 ms a layer). Off the CPU, or without autocast,
     attention(*args, **kw) as it is; so too a module whose weights are bf16 (FSDP's gathered weights)."""
     bf16_weights = isinstance(attention, nn.Module) and any(p.dtype != torch.float32 for p in attention.parameters())
-    if args[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu") or bf16_weights:
+    if (args[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu") or bf16_weights
+            or not CPU_FP32_ATTENTION):
         return attention(*args, **kw)
     with torch.autocast("cpu", enabled=False):
         return attention(*(a.float() for a in args), **kw)

@@ -705,6 +705,36 @@ def is_weight_cast(t):
     return type(fn).__name__ == "AccumulateGrad"
 
 
+class CudaAutocastRules(torch.overrides.TorchFunctionMode):
+    """The plan's fake tensors are CPU tensors (a CPU-only torch runs no op on fake CUDA tensors), and CPU
+    autocast keeps normalizations, softmax and reductions in bf16 where CUDA's runs them in fp32
+    (aten/src/ATen/autocast_mode.cpp, CUDA's fp32 and fp32_set_opt_dtype lists). Inside this mode a CPU
+    autocast follows CUDA's rules for those ops (their inputs in fp32), and attention runs in bf16
+    (model.fp32_on_cpu off), as CUDA's flash attention does."""
+    F = torch.nn.functional
+    FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.mse_loss, F.cross_entropy,
+            F.cosine_similarity, F.interpolate, torch.softmax, torch.log_softmax, torch.Tensor.softmax,
+            torch.Tensor.log_softmax, torch.pow, torch.Tensor.pow, torch.sum, torch.Tensor.sum, torch.norm,
+            torch.Tensor.norm, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.rsqrt,
+            torch.Tensor.rsqrt, torch.logsumexp}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FP32 and torch.is_autocast_enabled("cpu"):
+            low = (torch.bfloat16, torch.float16)
+            up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype in low else a
+            args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self.cpu_fp32_attention, model.CPU_FP32_ATTENTION = model.CPU_FP32_ATTENTION, False
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        model.CPU_FP32_ATTENTION = self.cpu_fp32_attention
+        return super().__exit__(*exc)
+
+
 def saved_for_backward(net, step, mode, checkpointing=False):
     """Run step() (one micro-batch's forward on fake tensors, returning the loss) and its backward, counting the
     bytes autograd saves, once per storage: -> (activation bytes at their peak, bytes of autocast's low-precision
@@ -742,7 +772,7 @@ def saved_for_backward(net, step, mode, checkpointing=False):
         b.register_forward_pre_hook(lambda m, args, i=i: enter(i, args)),
         b.register_forward_hook(lambda m, args, out: where.__setitem__(0, None)))]
     try:
-        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), CudaAutocastRules():
             loss = step()
         with mode:
             loss.backward()  # the graph is whole: every saved tensor is used
@@ -782,6 +812,16 @@ def memory_plan(mode, net, step, world, fsdp, checkpointing, precision, micro, o
     # step's temporaries (when the activations are gone), the CUDA context and the allocator's fragmentation
     plan["total"] = sum(plan.values())
     return plan
+
+
+def measured_peak(device):
+    """CUDA: the line a run prints after its first step, beside its plan: the allocator's peak so far (what
+    the plan counts, and what it leaves out but for the CUDA context: cuDNN's workspaces, NCCL's buffers, the
+    backward's transients) and what the allocator holds (its slack too). None elsewhere."""
+    if device.type != "cuda":
+        return None
+    peak, held = torch.cuda.max_memory_allocated(device) / GiB, torch.cuda.max_memory_reserved(device) / GiB
+    return f"measured after the first step: peak {peak:.2f} GiB allocated, {held:.2f} GiB reserved"
 
 
 def plan_only(cfg, plan):

@@ -381,6 +381,7 @@ def main(cfg: ARConfig):
     val = None
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
+    first = step  # this launch's first step
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
     t0, start = time.time(), step
     while step < cfg.max_steps:
@@ -400,6 +401,8 @@ def main(cfg: ARConfig):
         bad(grad_norm, step, scaler)  # a non-finite loss skipped this update (fp16: unless calibrating)
         step += 1
         bar.update()
+        if step == first + 1 and master and device.type == "cuda":  # beside the memory plan printed above
+            log.say(runtime.measured_peak(device))
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             step_time, t0, start = (time.time() - t0) / (step - start), time.time(), step
             log(step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, step_time=step_time, skipped=bad.total)

@@ -437,6 +437,7 @@ def main(cfg: TrainConfig):
                                  num_workers=data.workers(cfg.num_workers, device))
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
+    first = step  # this launch's first step
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
     t0, start = time.time(), step
     while step < cfg.max_steps:
@@ -470,6 +471,8 @@ def main(cfg: TrainConfig):
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
         bar.update()
+        if step == first + 1 and master and device.type == "cuda":  # beside the memory plan printed above
+            log.say(runtime.measured_peak(device))
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             img_per_s, t0, start = (step - start) * cfg.batch_size / (time.time() - t0), time.time(), step
             log(step, loss=loss.item(), **{k: v.item() for k, v in t.items()}, d_loss=d_loss.item() if g > 0 else 0.0,
