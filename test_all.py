@@ -1,6 +1,7 @@
 """
 All of the project's tests: plain `test_*` functions.
-    python test_all.py          # runs them all, ends on "N passed, M failed"
+    python test_all.py          # runs them all, ends on "N passed, M failed" (", K skipped": tests for a CUDA
+                                # machine, run there: the GPU check)
     python test_all.py quant    # only tests whose name contains "quant"
     python -m pytest test_all.py
 """
@@ -2057,6 +2058,97 @@ def test_code_cache_written_by_two_processes_or_with_loading_workers_equals_one(
                 a, b, c = (np.load(os.path.join(d, w, split, name)) for w in ("one", "two", "workers"))
                 assert a.dtype == b.dtype == c.dtype and np.array_equal(a, b) and np.array_equal(a, c), (split, name)
             assert sorted(os.listdir(os.path.join(d, "two", split))) == ["codes.npy", "labels.npy", "meta.json"]
+
+
+# ---- the GPU check: on a machine with CUDA, `python test_all.py` runs these too (skipped and counted elsewhere) ----
+
+def _on_cuda(main, config, flags):
+    """main(config from flags) on CUDA, its stdout captured -> (result, printed text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = main(runtime.parse_config(config, [f"--{k}={v}" for k, v in {**flags, "device": "cuda"}.items()]))
+    return result, buf.getvalue()
+
+
+def test_cuda_tokenizer_and_gpt_steps_at_bf16_with_fused_adamw():
+    _needs(cuda_devices=1)
+    _register_tiny_ar()
+    with tempfile.TemporaryDirectory() as d:
+        result, out = _on_cuda(train_tokenizer.main, train_tokenizer.TrainConfig(),
+                               dict(TOK_RUN, eval_images=16, out_dir=os.path.join(d, "tok")))  # --precision auto
+        assert "device cuda" in out and ", bf16" in out and "measured after the first step" in out, out
+        assert result["step"] == 3 and math.isfinite(result["val_psnr"]) and result["val_psnr"] > 5, result
+        tok_path, code_dir = _tiny_code_cache(d)
+        result, out = _on_cuda(train_ar.main, train_ar.ARConfig(), dict(
+            tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", out_dir=os.path.join(d, "ar"), batch_size=16,
+            max_steps=20, warmup=2, lr=3e-3, eval_interval=1000, log_interval=1000, ckpt_interval=1000))
+        assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(64), result
+    opt = runtime.adamw(torch.nn.Linear(2, 2).cuda().parameters(), train_tokenizer.TrainConfig(lr=1e-4),
+                        torch.device("cuda"), "bf16")[0]
+    assert opt.defaults["fused"]                                       # one kernel for all tensors on CUDA
+
+
+def test_cuda_code_choice_is_float32_with_tf32_and_a_bf16_autocast():
+    _needs(cuda_devices=1)
+    _code_choice_at_low_precision("cuda")
+
+
+def test_cuda_fsdp_and_ddp_over_nccl_agree():
+    _needs(cuda_devices=2)
+    run = dict(TOK_RUN, size="toy-2d", precision="fp32", device="cuda")  # fp32 (TF32 on, as the trainers run)
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("fsdp", "ddp"):
+            _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(), out_dir=os.path.join(d, mode))
+        fsdp, ddp = _ckpt(os.path.join(d, "fsdp")), _ckpt(os.path.join(d, "ddp"))
+        assert fsdp["step"] == ddp["step"] == 3
+        diff = _max_diff(fsdp["model"], ddp["model"])
+        assert diff <= 1e-4, diff                                      # TF32 rounding, against lr 1e-4 steps
+
+
+def test_cuda_sampling_is_seeded_and_the_cache_changes_nothing():
+    _needs(cuda_devices=1)
+    gpt, labels = _tiny_gpt().cuda(), torch.tensor([0, 1, 2, 4], device="cuda")
+    draw = lambda **kw: sample.generate(gpt, labels, cfg_scale=2.0, top_k=8, generator=torch.Generator("cuda")
+                                        .manual_seed(7), **kw)
+    a, b = draw(), draw()
+    assert a.shape == (4, 12) and a.device.type == "cuda" and torch.equal(a, b) and 0 <= a.min() <= a.max() < 40
+    assert torch.equal(draw(temperature=0), draw(temperature=0, kv_cache=False))  # fp32: greedy is exact
+
+
+def test_cuda_memory_plan_against_the_measured_peak_of_one_step():
+    # S-S (136M parameters) at 8 images: the plan's total against the allocator's peak after the first step
+    _needs(cuda_devices=1)
+    with tempfile.TemporaryDirectory() as d:
+        _, out = _on_cuda(train_tokenizer.main, train_tokenizer.TrainConfig(), dict(
+            size="s-s", data="synthetic", batch_size=8, max_steps=1, teacher="none", lpips="false", eval_images=2,
+            image_interval=10 ** 6, out_dir=d))
+    planned = float(re.search(r"; total ([\d.]+) GiB", out).group(1))
+    measured = float(re.search(r"measured after the first step: peak ([\d.]+) GiB", out).group(1))
+    print(f"plan {planned:.2f} GiB, measured peak {measured:.2f} GiB")
+    assert 0.7 <= measured / planned <= 1.4, (planned, measured)
+
+
+def test_cuda_bench_prints_the_mfu():
+    _needs(cuda_devices=1)
+    import bench
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bench.main(bench.BenchConfig(device="cuda", precision="bf16", peak_tflops=989.0, steps=2, batch_size=4,
+                                     ar_batch_size=4, samples=2))
+    assert "MFU" in buf.getvalue(), buf.getvalue()
+
+
+def test_the_runner_counts_skipped_tests_in_its_closing_line():
+    # with no CUDA device every CUDA test is skipped, and counted: "N passed, M failed, K skipped"
+    count, buf = torch.cuda.device_count, io.StringIO()
+    torch.cuda.device_count = lambda: 0
+    try:
+        with contextlib.redirect_stdout(buf):
+            _run("test_cuda_")
+    finally:
+        torch.cuda.device_count = count
+    cuda_tests = [n for n in globals() if n.startswith("test_cuda_")]
+    assert buf.getvalue().splitlines()[-1] == f"0 passed, 0 failed, {len(cuda_tests)} skipped", buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
