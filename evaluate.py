@@ -506,7 +506,8 @@ def probe_features(gpt, codes, batch=64, device="cpu"):
     return torch.cat(feats)
 
 
-def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, lr=0.1, batch=128, seed=0):
+def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, lr=0.1, batch=128, seed=0,
+                       device="cpu"):
     """BatchNorm1d(no affine) + Linear on frozen features, trained with cross-entropy; -> top-1 on val (%).
     As the official probe: lr = base lr * batch / 256, 10/90 of the epochs of linear warmup, then a half-cosine
     to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9 instead of LARS."""
@@ -517,6 +518,8 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
     with torch.no_grad():
         nn.init.trunc_normal_(probe[1].weight, std=0.01, generator=g)
         probe[1].bias.zero_()
+    # on the run's device (the init and the order drawn on the CPU, the same on any device)
+    probe, train_x, train_y, val_x, val_y = (t.to(device) for t in (probe, train_x, train_y, val_x, val_y))
     peak = lr * batch / 256  # the linear scaling rule
     opt = torch.optim.SGD(probe.parameters(), lr=peak, momentum=0.9, weight_decay=0)
     steps_per_epoch = math.ceil(len(train_x) / batch)  # the last batch may be short
@@ -526,7 +529,7 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=g)
         for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
+            idx = order[i:i + batch].to(device)
             if len(idx) < 2:                                                  # BatchNorm needs two samples
                 continue
             t = (step - warmup) / max(1, total - warmup)
@@ -656,7 +659,7 @@ def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
     if rank != 0:
         return None  # the other ranks have sent their features
     acc = train_linear_probe(*feats["train"], *feats["val"], gpt.cfg.num_classes, cfg.probe_epochs,
-                             cfg.probe_lr, cfg.probe_batch, cfg.seed)
+                             cfg.probe_lr, cfg.probe_batch, cfg.seed, device)
     return dict(data=used, layer=gpt.cfg.n_layer // 2, train_images=len(feats["train"][0]),
                 val_images=len(feats["val"][0]), top1=acc, chance=100.0 / gpt.cfg.num_classes)
 

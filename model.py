@@ -512,7 +512,13 @@ class Tokenizer(nn.Module):
 
     def encode(self, x):
         """images (B, 3, H, W) -> codes (B, N)"""
-        return self.quantizer(self.quant_conv(self.encoder(self.cnn_encoder(x))))[1]
+        return self.quantizer(self.to_code_space(self.encoder(self.cnn_encoder(x))))[1]
+
+    def to_code_space(self, h):
+        """(B, N, z) transformer tokens -> (B, N, d) latents, in float32 whatever the autocast: the code choice
+        depends on these (the quantizer computes in float32 too; runtime.shard keeps both fp32 under FSDP)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.quant_conv(h.float())
 
     def decode(self, codes):
         """codes (B, N) -> images (B, 3, H, W)"""
@@ -526,7 +532,7 @@ class Tokenizer(nn.Module):
         shortcut=True adds the official early auxiliary terms (spec 1.10): the CNN-only reconstruction
         CNN-dec(CNN-enc(x)) and the MSE between the CNN encoder output and the transformer decoder output."""
         s = self.cnn_encoder(x)                                                          # (B, z, g, g)
-        z_q, codes, losses = self.quantizer(self.quant_conv(self.encoder(s)), entropy)  # (B, N, d), (B, N)
+        z_q, codes, losses = self.quantizer(self.to_code_space(self.encoder(s)), entropy)  # (B, N, d), (B, N)
         spatial, feat, sem = self.decoder(self.post_quant_conv(z_q), features=semantic)  # (B, z, g, g)
         recon = self.cnn_decoder(spatial)
         zero = x.new_zeros(())
@@ -715,12 +721,17 @@ class GPT(nn.Module):
 # Attention under a CPU autocast (ours: speed only; the numbers of an fp32 run are untouched)
 
 
+CPU_FP32_ATTENTION = True  # fp32_on_cpu on; the memory plan turns it off (it counts what CUDA runs)
+
+
 def fp32_on_cpu(attention, *args, **kw):
     """attention(*args, **kw), in fp32 under a CPU autocast (--precision bf16 on a CPU): torch's CPU attention kernels
     run slower in bf16 than in fp32 (torch 2.13, one AVX-512 BF16 core: the toy tokenizer's step 0.57 -> 0.51 s,
     gpt-b's decoding attention over 256 cached positions 3.3 -> 0.9 ms a layer). Off the CPU, or without autocast,
-    attention(*args, **kw) as it is."""
-    if args[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    attention(*args, **kw) as it is; so too a module whose weights are bf16 (FSDP's gathered weights)."""
+    bf16_weights = isinstance(attention, nn.Module) and any(p.dtype != torch.float32 for p in attention.parameters())
+    if (args[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu") or bf16_weights
+            or not CPU_FP32_ATTENTION):
         return attention(*args, **kw)
     with torch.autocast("cpu", enabled=False):
         return attention(*(a.float() for a in args), **kw)

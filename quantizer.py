@@ -30,6 +30,18 @@ def entropy_loss(logits):
     return sample_entropy - codebook_entropy                             # (the official +1e-5 inside the log)
 
 
+@torch.compiler.disable  # flips a global flag: kept out of compiled graphs (one graph break)
+def distances(z, e):
+    """Squared Euclidean distances (rows, K) between z (rows, d) and the codes e (K, d), in full float32: TF32
+    (which the trainers turn on for CUDA's matmuls) is off for this matmul. Inputs float32, autocast off."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def rotate_to(z, q):
     """The rotation trick (Fifty et al. 2024): returns R z where R is the (detached) rotation taking
     z/|z| to q/|q|, rescaled by |q|/|z|. Its value is q, but the gradient reaches z through a fixed rotation
@@ -76,30 +88,32 @@ class VectorQuantizer(nn.Module):
         """z: (B, N, d) continuous latents -> (z_q (B, N, d), codes (B, N), losses). In training, losses holds the
         unweighted codebook and commitment terms, and the entropy term when entropy=True (it costs a (B*N, K)
         softmax, so it is computed only when its weight is not zero); in eval mode it is empty."""
-        z = F.normalize(z, dim=-1)  # unit latents: distance ~ -cosine
-        e = self.codebook()  # (K, d) unit codes
-        zf, ef = z.reshape(-1, self.dim).float(), e.float()                # (B*N, d), (K, d)
-        # squared distances in float32 even under autocast: among 16384 unit vectors bf16 flips near-ties
-        distances = lambda zs: zs.pow(2).sum(1, keepdim=True) + ef.pow(2).sum(1) - 2 * zs @ ef.t()  # (rows, K)
+        # everything here in float32, whatever the autocast or FSDP's bf16 weights (runtime.shard keeps this
+        # module's fp32): among 16384 unit vectors, bf16 or TF32 rounding flips near-ties of the code choice
         with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)  # unit latents: distance ~ -cosine
+            e = self.codebook().float()  # (K, d) unit codes
+            zf = z.reshape(-1, self.dim)                                   # (B*N, d)
             if self.training and entropy:  # the entropy loss needs every distance
-                d = distances(zf)                                          # (B*N, K)
+                d = distances(zf, e)                                       # (B*N, K)
                 codes = d.argmin(dim=1)                                    # (B*N,) the nearest code
             else:                          # only the nearest code: a block of rows at a time
-                codes = torch.cat([distances(zs).argmin(dim=1) for zs in zf.split(self.search_rows)])
-        z_q = e[codes].view_as(z)                                          # (B, N, d)
-        losses = {}
-        if self.training:
-            losses["codebook"] = (z_q - z.detach()).pow(2).mean()  # moves only the codes
-            losses["commitment"] = (z_q.detach() - z).pow(2).mean()  # moves only the encoder
-            losses["entropy"] = entropy_loss(-d / self.entropy_temperature) if entropy else z.new_zeros(())
-            with torch.no_grad():
-                n = min(codes.numel(), self.recent_codes.numel())
-                self.recent_codes.copy_(torch.cat([self.recent_codes[n:], codes[-n:]]))  # a sliding window
-            # gradients: through a fixed rotation, or straight through
-            if self.rotation_trick:
-                z_q = rotate_to(z.reshape(-1, self.dim), z_q.reshape(-1, self.dim)).view_as(z)
-            else:
-                z_q = z + (z_q - z).detach()  # straight-through: value z_q, gradient identity
+                codes = torch.cat([distances(zs, e).argmin(dim=1) for zs in zf.split(self.search_rows)])
+            z_q = e[codes].view_as(z)                                      # (B, N, d)
+            losses = {}
+            if self.training:
+                losses["codebook"] = (z_q - z.detach()).pow(2).mean()  # moves only the codes
+                losses["commitment"] = (z_q.detach() - z).pow(2).mean()  # moves only the encoder
+                losses["entropy"] = (entropy_loss(-d / self.entropy_temperature) if entropy
+                                     else z.new_zeros(()))
+                with torch.no_grad():
+                    n = min(codes.numel(), self.recent_codes.numel())
+                    # a sliding window
+                    self.recent_codes.copy_(torch.cat([self.recent_codes[n:], codes[-n:]]))
+                # gradients: through a fixed rotation, or straight through
+                if self.rotation_trick:
+                    z_q = rotate_to(z.reshape(-1, self.dim), z_q.reshape(-1, self.dim)).view_as(z)
+                else:
+                    z_q = z + (z_q - z).detach()  # straight-through: value z_q, gradient identity
         # in eval mode z_q is exactly the codebook lookup, so decode(encode(x)) == forward(x)
         return z_q, codes.view(z.shape[:-1]), losses

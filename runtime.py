@@ -17,6 +17,7 @@ the optimizer step), and the memory plan.
 import argparse
 import ctypes
 import dataclasses
+import datetime
 import functools
 import glob
 import inspect
@@ -156,8 +157,32 @@ def setup(cfg, tf32=False):
     else:
         dev = torch.device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # gloo: CPU processes (the CI's tests)
+        # gloo: CPU processes (the CI's tests). A collective that waits longer than `timeout` ends the run (NCCL's
+        # watchdog, 10 minutes by default): the processes wait at barriers behind long work of one or some of them
+        # (rank 0 writing a multi-GB checkpoint, downloading the helpers; train_ar.py's code extraction), so 2 hours.
+        # device_id binds the process group to this GPU at once (NCCL's communicator is made eagerly).
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=dev if dev.type == "cuda" else None)
     return rank, world, dev
+
+
+def on_rank0(value):
+    """Rank 0's value of a small picklable object in every process (a decision: does a checkpoint exist, did a
+    helper load), so that processes whose file systems or networks differ still take one path; as is alone."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)  # pickled, sent from rank 0 (through the GPU under NCCL)
+    return box[0]
+
+
+def everywhere(flag):
+    """Whether flag holds in every process (a helper that loaded on every node); flag itself alone."""
+    if not dist.is_initialized():
+        return bool(flag)
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))  # pickled (through the GPU under NCCL)
+    return all(flags)
 
 
 def keep_freed_memory():
@@ -293,9 +318,13 @@ def resume(path, parts, identity, train, master):
     not change (the model's architecture, the codes it learns): a checkpoint made with another is refused.
     Training fields (batch size, lr ...) may change; the changed ones are named in a note. The checkpoint is read
     to CPU and freed here."""
-    if not os.path.exists(path):
+    if not on_rank0(os.path.exists(path)):  # rank 0 decides: every process resumes, or none
         return 0
-    ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
+    try:
+        ckpt = model.read_checkpoint(path)  # to CPU (memory-mapped): the device holds only the live copy
+    except FileNotFoundError:  # e.g. an --out-dir on a disk of rank 0's node only
+        raise UserError(f"{path}: rank 0 continues from this checkpoint, which process {dist.get_rank()} "
+                        f"cannot read; put --out-dir on a file system that every node shares") from None
     for key, value in identity.items():  # e.g. {"tokenizer": the architecture's config dict}
         theirs = ckpt["config"].get(key)  # what the checkpoint was made with
         if not same(theirs, value):
@@ -344,12 +373,26 @@ def shard(net, precision):
         else MixedPrecisionPolicy()  # fp32 (CPU): no casts
     for block in blocks(net):
         fully_shard(block, mp_policy=mp)
+    if isinstance(net, model.Tokenizer):  # the code choice in float32 (Tokenizer.to_code_space): one unit whose
+        fully_shard([net.quant_conv, net.quantizer])  # weights are gathered as they are (fp32), not in bf16
+        register_fsdp_forward_method(net.quantizer, "lookup")  # decode's codebook lookup gathers it too
     fully_shard(net, mp_policy=mp)
     # the tokenizer returns views (its codes); nothing modifies them in place, which is what FSDP warns of
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for method in ("encode", "decode"):  # gather the root's weights for these too (evaluation, pictures)
         if hasattr(net, method):
             register_fsdp_forward_method(net, method)
+
+
+def reshard(net):
+    """FSDP: free every unit's gathered weights. The root unit stays gathered after a forward without gradients
+    (torch/distributed/fsdp/_fully_shard/_fsdp_state.py, _lazy_init: no reshard after forward for the root), and
+    the next forward reuses what was gathered instead of reading the shards: after weights are written into the
+    shards (EMA.applied), the gathered copies must go. A no-op unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def is_sharded(net):
@@ -398,35 +441,42 @@ def fill_from_rank0(net, full, device):
 
 def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
     """The module to train with: `net` with activation checkpointing (cfg.checkpointing), sharded in place (cfg.fsdp,
-    several processes), compiled (cfg.compile), then wrapped in DDP when there are several processes and no FSDP.
+    several processes; compiled block by block before), or wrapped in DDP when there are several processes and no
+    FSDP, and then compiled (cfg.compile).
     Build the optimizer after this (FSDP replaces the parameters by their shards). Save and evaluate through `net`
     itself (its state dict has no wrapper prefixes)."""
     if cfg.checkpointing:
         checkpoint_blocks(net)
-    if cfg.fsdp and world > 1:  # one process: nothing to shard, a plain run
+    sharded = cfg.fsdp and world > 1  # one process: nothing to shard, a plain run
+    if cfg.compile and sharded:  # each block's forward compiled, FSDP's gathers and frees outside the graphs
+        for block in blocks(net):  # (compiling the sharded module would break its graph at every unit's hooks)
+            block.forward = torch.compile(block.forward)
+    if sharded:
         # rank 0's weights (the others built theirs on the meta device: see build), handed out one tensor at a time
         full = {k: t.detach() for k, t in [*net.named_parameters(), *net.named_buffers()]} if dist.get_rank() == 0 else {}
         shard(net.to("meta"), precision)  # every process: meta shards ...
         net.to_empty(device=device)       # ... given memory (uninitialized) ...
         fill_from_rank0(net, full, device)  # ... and rank 0's values
-    if cfg.compile:
-        net = torch.compile(net)  # compiled module, same parameters (and state dict, but for a prefix)
     if world > 1 and not cfg.fsdp:
         # all-reduces gradients in backward; the gradients are views into DDP's buckets (no second copy)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None, find_unused_parameters=find_unused,
                                                         gradient_as_bucket_view=True)
-    return net
+    if cfg.compile and not sharded:  # DDP wrapped first, then compiled: dynamo splits the graph at DDP's bucket
+        net = torch.compile(net)     # boundaries (DDPOptimizer, torch/_dynamo/backends/distributed.py), so that
+    return net                       # the all-reduces overlap the backward
 
 
 def grad_sync(net, sync):
-    """The context of a micro-step's forward: gradients are reduced over the processes only when sync (the last
-    micro-step of an optimizer step); before that they accumulate locally. DDP: no_sync(); FSDP: a flag that
-    holds until changed (so it is set at every micro-step)."""
+    """The context of a micro-step's forward. DDP: gradients are all-reduced only when sync (the last micro-step of
+    an optimizer step), before that they accumulate locally (no_sync()). FSDP reduce-scatters every micro-step
+    into the sharded gradients, which then accumulate: without the sync, FSDP2 would keep each unit's whole
+    gradient, unsharded and in fp32, across the micro-steps (torch/distributed/fsdp/_fully_shard/_fsdp_param.py,
+    to_accumulated_grad_if_needed), a whole model's fp32 gradients per process; the cost is one more
+    reduce-scatter per unit and micro-step, which overlaps the backward as the last one does."""
+    net = getattr(net, "_orig_mod", net)  # seen through torch.compile's wrapper
     if isinstance(net, torch.nn.parallel.DistributedDataParallel):
         return nullcontext() if sync else net.no_sync()
-    if is_sharded(net):
-        net.set_requires_gradient_sync(sync)
     return nullcontext()
 
 
@@ -460,12 +510,17 @@ def optimizer_step(optimizer, scaler, params, clip, average=False):
 
 class BadSteps:
     """Counts the optimizer steps that a non-finite gradient norm skipped (see optimizer_step); `limit` of them in a
-    row stop the run with a clear message, leaving the last good checkpoint as it is."""
+    row stop the run with a clear message, leaving the last good checkpoint as it is. fp16: a step that the
+    GradScaler skipped while its scale is still above 1 is not counted: the loss scale starts at 2^16 and halves
+    on each overflow of the scaled gradients, which says that the scale is too large, not that the gradients are
+    bad (a loss that is NaN at any scale drives the scale below 1 within ~17 steps, and is then counted)."""
     def __init__(self, limit, ckpt_path):
         self.limit, self.ckpt_path, self.total, self.in_row = limit, ckpt_path, 0, 0
 
-    def __call__(self, grad_norm, step):
+    def __call__(self, grad_norm, step, scaler=None):
         finite = bool(torch.isfinite(grad_norm))  # a NaN anywhere makes the total norm NaN
+        if not finite and scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1:
+            return  # the scaler calibrating (get_scale: the scale after update(), halved for this step)
         self.total, self.in_row = self.total + (not finite), 0 if finite else self.in_row + 1
         if self.limit and self.in_row >= self.limit:
             raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "
@@ -538,6 +593,7 @@ class EMA:
             try:
                 yield
             finally:
+                reshard(self.module)  # FSDP: drop the units gathered with the average (see reshard)
                 torch._foreach_copy_(self.avg, params)
                 torch._foreach_copy_(params, live)
 
@@ -722,6 +778,36 @@ def is_weight_cast(t):
     return type(fn).__name__ == "AccumulateGrad"
 
 
+class CudaAutocastRules(torch.overrides.TorchFunctionMode):
+    """The plan's fake tensors are CPU tensors (a CPU-only torch runs no op on fake CUDA tensors), and CPU
+    autocast keeps normalizations, softmax and reductions in bf16 where CUDA's runs them in fp32
+    (aten/src/ATen/autocast_mode.cpp, CUDA's fp32 and fp32_set_opt_dtype lists). Inside this mode a CPU
+    autocast follows CUDA's rules for those ops (their inputs in fp32), and attention runs in bf16
+    (model.fp32_on_cpu off), as CUDA's flash attention does."""
+    F = torch.nn.functional
+    FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.mse_loss, F.cross_entropy,
+            F.cosine_similarity, F.interpolate, torch.softmax, torch.log_softmax, torch.Tensor.softmax,
+            torch.Tensor.log_softmax, torch.pow, torch.Tensor.pow, torch.sum, torch.Tensor.sum, torch.norm,
+            torch.Tensor.norm, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.rsqrt,
+            torch.Tensor.rsqrt, torch.logsumexp}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FP32 and torch.is_autocast_enabled("cpu"):
+            low = (torch.bfloat16, torch.float16)
+            up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype in low else a
+            args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self.cpu_fp32_attention, model.CPU_FP32_ATTENTION = model.CPU_FP32_ATTENTION, False
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        model.CPU_FP32_ATTENTION = self.cpu_fp32_attention
+        return super().__exit__(*exc)
+
+
 def saved_for_backward(net, step, mode, checkpointing=False):
     """Run step() (one micro-batch's forward on fake tensors, returning the loss) and its backward, counting the
     bytes autograd saves, once per storage: -> (activation bytes at their peak, bytes of autocast's low-precision
@@ -759,7 +845,7 @@ def saved_for_backward(net, step, mode, checkpointing=False):
         b.register_forward_pre_hook(lambda m, args, i=i: enter(i, args)),
         b.register_forward_hook(lambda m, args, out: where.__setitem__(0, None)))]
     try:
-        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), CudaAutocastRules():
             loss = step()
         with mode:
             loss.backward()  # the graph is whole: every saved tensor is used
@@ -799,6 +885,16 @@ def memory_plan(mode, net, step, world, fsdp, checkpointing, precision, micro, o
     # step's temporaries (when the activations are gone), the CUDA context and the allocator's fragmentation
     plan["total"] = sum(plan.values())
     return plan
+
+
+def measured_peak(device):
+    """CUDA: the line a run prints after its first step, beside its plan: the allocator's peak so far (what
+    the plan counts, and what it leaves out but for the CUDA context: cuDNN's workspaces, NCCL's buffers, the
+    backward's transients) and what the allocator holds (its slack too). None elsewhere."""
+    if device.type != "cuda":
+        return None
+    peak, held = torch.cuda.max_memory_allocated(device) / GiB, torch.cuda.max_memory_reserved(device) / GiB
+    return f"measured after the first step: peak {peak:.2f} GiB allocated, {held:.2f} GiB reserved"
 
 
 def plan_only(cfg, plan):

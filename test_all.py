@@ -1,6 +1,7 @@
 """
 All of the project's tests: plain `test_*` functions.
-    python test_all.py          # runs them all, ends on "N passed, M failed"
+    python test_all.py          # runs them all, ends on "N passed, M failed" (", K skipped": tests for a CUDA
+                                # machine, run there: the GPU check)
     python test_all.py quant    # only tests whose name contains "quant"
     python -m pytest test_all.py
 """
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 
 import numpy as np
 import torch
@@ -38,6 +40,15 @@ import train_tokenizer
 from model import GPT, GPT_PRESETS, TOKENIZER_PRESETS, Tokenizer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _needs(cuda_devices=0, native_bf16=False):
+    """Skip the calling test (counted as skipped, here and under pytest) on a machine without this many CUDA
+    devices, or without a CPU that computes in bf16 natively."""
+    if torch.cuda.device_count() < cuda_devices:
+        raise unittest.SkipTest(f"needs {cuda_devices} CUDA device{'s' if cuda_devices > 1 else ''}")
+    if native_bf16 and not runtime.native_bf16():
+        raise unittest.SkipTest("needs a CPU with native bf16 (AVX-512 BF16 or AMX)")
 
 # ---- model.py / quantizer.py ----
 
@@ -115,6 +126,40 @@ def test_quantizer_eval_output_is_codebook_lookup_of_its_indices():
     cos = F.normalize(z, dim=-1) @ F.normalize(vq.embedding.weight, dim=-1).t()
     assert torch.equal(codes, cos.argmax(-1))
     assert torch.allclose(z_q.norm(dim=-1), torch.ones(4, 16))
+
+
+def _code_choice_at_low_precision(device):
+    """The codes and the quantizer's losses of one set of transformer features (B, N, z) are the float32 ones
+    under a bf16 autocast, and on CUDA with TF32 on too (as the trainers run): the code choice is float32."""
+    torch.manual_seed(0)
+    tok = Tokenizer(toy_cfg(codebook_size=16384)).to(device)
+    h = torch.randn(32, tok.cfg.num_tokens, tok.cfg.z_channels, device=device)  # stand-in features (32, 64, z)
+    class Features(torch.nn.Module):                                   # the tokenizer's input: h, whatever x
+        def forward(self, s):
+            return h
+    tok.cnn_encoder, tok.encoder = torch.nn.Identity(), Features()
+    x = torch.zeros(32, 3, 64, 64, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        runs = []
+        for autocast in (contextlib.nullcontext(), torch.autocast(device, torch.bfloat16)):
+            with autocast:
+                with torch.no_grad():
+                    codes = tok.eval().encode(x)                       # (32, 64)
+                aux = tok.train()(x, entropy=True)[1]
+            runs.append((codes, aux))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    (ref, ref_aux), (low, low_aux) = runs
+    assert torch.equal(ref, low), f"{(ref != low).float().mean().item():.2%} of the codes differ"
+    assert torch.equal(ref_aux["codes"], low_aux["codes"]) and torch.equal(ref, ref_aux["codes"])
+    for k in ("codebook", "commitment", "entropy"):
+        assert low_aux[k].dtype == torch.float32 and torch.equal(ref_aux[k], low_aux[k]), k
+
+
+def test_code_choice_is_float32_under_a_bf16_autocast():
+    _code_choice_at_low_precision("cpu")
 
 
 def test_quantizer_searches_in_blocks_with_the_same_codes():
@@ -1638,6 +1683,28 @@ def test_nonfinite_steps_are_skipped_and_counted_and_a_run_of_them_stops_cleanly
         train_tokenizer.loss_terms = real
 
 
+def test_fp16_loss_scale_calibration_does_not_stop_a_run_but_a_nan_loss_still_does():
+    # The GradScaler halves its scale on every step whose scaled gradients overflow and skips that step: calibration,
+    # not a bad step. Gradients of ~1e10 overflow fp32 at a scale above ~2^98, so 2^120 takes ~20 skips to calibrate
+    torch.manual_seed(0)
+    net, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    scaler, bad = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120), runtime.BadSteps(5, "ckpt.pt")
+    w0 = net.weight.detach().clone()
+    for step in range(60):
+        scaler.scale(1e10 * net(x).pow(2).mean()).backward()
+        bad(runtime.optimizer_step(opt, scaler, net.parameters(), 10.0), step, scaler)  # no SystemExit
+    assert bad.total == 0 and scaler.get_scale() < 2.0 ** 100 and not torch.equal(w0, net.weight)  # it trained
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # a NaN loss overflows at every scale
+    try:
+        for step in range(30):
+            scaler.scale(net(x).sum() * float("nan")).backward()
+            bad(runtime.optimizer_step(opt, scaler, net.parameters(), 10.0), step, scaler)
+        raise AssertionError("a NaN loss went on")
+    except SystemExit as e:
+        assert "not finite for 5 steps in a row" in str(e) and scaler.get_scale() < 1, (e, scaler.get_scale())
+
+
 def test_resume_accepts_changed_training_fields_and_names_changed_architecture_fields():
     with tempfile.TemporaryDirectory() as d:
         _tok_run(d, max_steps=2)
@@ -2061,12 +2128,12 @@ def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
 
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
 
-def _torchrun(script, nproc=2, **flags):
+def _torchrun(script, nproc=2, env=(), **flags):
     """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun: nproc CPU
-    processes over gloo, one thread each, on the cores this process may use."""
+    processes over gloo, one thread each, on the cores this process may use; env: more environment variables."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", script] + [f"--{k}={v}" for k, v in flags.items()]
-    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **dict(env)), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out = p.communicate(timeout=300)[0]
@@ -2078,6 +2145,12 @@ def _torchrun(script, nproc=2, **flags):
 
 def _worker(script, argv):  # the other end of _torchrun
     _register_tiny_ar()
+    if os.environ.get("TEST_COMPILE_BACKEND"):  # torch.compile with another backend (aot_eager: no C compiler)
+        import functools
+        torch.compile = functools.partial(torch.compile, backend=os.environ["TEST_COMPILE_BACKEND"])
+    if os.environ.get("TEST_BLIND_RANK") == os.environ["RANK"]:  # this process sees no checkpoint file (as on a
+        exists = os.path.exists                                     # node whose --out-dir is its own disk)
+        os.path.exists = lambda path: not str(path).endswith("ckpt.pt") and exists(path)
     module, config = dict(train_tokenizer=(train_tokenizer, train_tokenizer.TrainConfig),
                           train_ar=(train_ar, train_ar.ARConfig))[script]
     module.main(runtime.parse_config(config(), argv))
@@ -2136,6 +2209,42 @@ def test_fsdp_two_processes_equal_one():
         model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))          # the loader reads it as any of ours
 
 
+def test_fsdp_with_a_weight_average_shown_every_step_equals_one_process():
+    # FSDP2 keeps the root unit (codebook, quant convs, the CNN's middle, the heads) gathered after a forward without
+    # gradients; the pictures and the held-out PSNR run with the average swapped in (EMA.applied), so the root must
+    # be resharded on leaving it, or the next training step runs on the averaged root. The 2D toy, as in
+    # test_fsdp_two_processes_equal_one; a fast average (0.5), so that the average is far from the weights
+    run = dict(TOK_RUN, size="toy-2d", max_steps=4, ema=0.5, image_interval=1, eval_images=8)
+    with tempfile.TemporaryDirectory() as d:
+        one = _tok_in_process(os.path.join(d, "one"), **run)
+        _torchrun("train_tokenizer", **run, fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        fsdp = _ckpt(os.path.join(d, "fsdp"))
+        for key in ("model", "ema"):
+            diff = _max_diff(one[key], fsdp[key])
+            assert diff <= 1e-5, (key, diff)
+        psnr = [_last_log(os.path.join(d, run))["val_psnr"] for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr
+
+
+def test_held_out_psnr_at_bf16_is_the_same_with_and_without_fsdp():
+    # The held-out PSNR and the pictures run under the training's autocast in every mode; the code choice in float32
+    # (FSDP's bf16 policy gathers every unit but the quantizer's in bf16). Before: pure bf16 under FSDP (a bf16
+    # codebook), float32 without. The initial weights (max_steps 0), so that only the evaluation can differ
+    _needs(native_bf16=True)
+    run = dict(TOK_RUN, size="toy-2d", max_steps=0, precision="bf16", eval_images=16)
+    with tempfile.TemporaryDirectory() as d:
+        _tok_in_process(os.path.join(d, "one"), **run)
+        _torchrun("train_tokenizer", **run, fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        psnr = [_last_log(os.path.join(d, run))["val_psnr"] for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr
+
+
+def _last_log(folder):
+    import json
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return json.loads(f.readlines()[-1])
+
+
 def test_fsdp_start_up_is_the_plain_init_exactly():
     # under FSDP only rank 0 builds the model in memory, the other process on the meta device; rank 0 hands out
     # its weights one tensor at a time (runtime.build, fill_from_rank0): the init is the plain run's, to the bit
@@ -2186,6 +2295,34 @@ def test_fsdp_resume_is_exact_with_or_without_checkpointing_and_resumes_in_one_p
         alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)         # a sharded checkpoint, one process
         diff = _max_diff(straight["model"], alone["model"])
         assert alone["step"] == 4 and diff <= 1e-5, diff
+
+
+def test_the_resume_decision_is_rank_0s():
+    # every process continues from the checkpoint when rank 0 sees it, even one that does not see the file (here
+    # rank 1: os.path.exists says no): before, rank 0 resumed alone and the processes ran different steps
+    with tempfile.TemporaryDirectory() as d:
+        run = lambda folder, steps, **kw: _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
+                                                                           out_dir=os.path.join(d, folder)), **kw)
+        run("straight", 3)
+        run("resumed", 2)
+        run("resumed", 3, env=dict(TEST_BLIND_RANK="1"))
+        straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
+        assert resumed["step"] == 3 and all(_max_diff(straight[k], resumed[k]) == 0 for k in ("model", "optimizer"))
+
+
+def test_compile_with_fsdp_and_with_ddp_equals_eager():
+    # FSDP: each block's forward compiled before fully_shard (FSDP's hooks outside the graphs); DDP: the DDP module
+    # compiled (graphs split at its buckets). aot_eager traces forward and backward as inductor does, but runs
+    # torch's own kernels: no C compiler needed, and the same numbers as eager up to the order of a few sums
+    run = dict(TOK_RUN, size="toy-2d", max_steps=2, checkpointing="true")
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("fsdp", "ddp"):
+            for compiled in (False, True):
+                _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(), compile=str(compiled).lower(),
+                          out_dir=os.path.join(d, f"{mode}-{compiled}"), env=dict(TEST_COMPILE_BACKEND="aot_eager"))
+            eager, compiled = _ckpt(os.path.join(d, f"{mode}-False")), _ckpt(os.path.join(d, f"{mode}-True"))
+            diff = _max_diff(eager["model"], compiled["model"])
+            assert compiled["step"] == 2 and diff <= 1e-6, (mode, diff)
 
 
 def test_fsdp_ar_two_processes_with_accumulation_equal_one():
@@ -2344,24 +2481,118 @@ def test_code_cache_written_by_two_processes_or_with_loading_workers_equals_one(
             assert sorted(os.listdir(os.path.join(d, "two", split))) == ["codes.npy", "labels.npy", "meta.json"]
 
 
+# ---- the GPU check: on a machine with CUDA, `python test_all.py` runs these too (skipped and counted elsewhere) ----
+
+def _on_cuda(main, config, flags):
+    """main(config from flags) on CUDA, its stdout captured -> (result, printed text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = main(runtime.parse_config(config, [f"--{k}={v}" for k, v in {**flags, "device": "cuda"}.items()]))
+    return result, buf.getvalue()
+
+
+def test_cuda_tokenizer_and_gpt_steps_at_bf16_with_fused_adamw():
+    _needs(cuda_devices=1)
+    _register_tiny_ar()
+    with tempfile.TemporaryDirectory() as d:
+        result, out = _on_cuda(train_tokenizer.main, train_tokenizer.TrainConfig(),
+                               dict(TOK_RUN, eval_images=16, out_dir=os.path.join(d, "tok")))  # --precision auto
+        assert "device cuda" in out and ", bf16" in out and "measured after the first step" in out, out
+        assert result["step"] == 3 and math.isfinite(result["val_psnr"]) and result["val_psnr"] > 5, result
+        tok_path, code_dir = _tiny_code_cache(d)
+        result, out = _on_cuda(train_ar.main, train_ar.ARConfig(), dict(
+            tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", out_dir=os.path.join(d, "ar"), batch_size=16,
+            max_steps=20, warmup=2, lr=3e-3, eval_interval=1000, log_interval=1000, ckpt_interval=1000))
+        assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(64), result
+    opt = runtime.adamw(torch.nn.Linear(2, 2).cuda().parameters(), train_tokenizer.TrainConfig(lr=1e-4),
+                        torch.device("cuda"), "bf16")[0]
+    assert opt.defaults["fused"]                                       # one kernel for all tensors on CUDA
+
+
+def test_cuda_code_choice_is_float32_with_tf32_and_a_bf16_autocast():
+    _needs(cuda_devices=1)
+    _code_choice_at_low_precision("cuda")
+
+
+def test_cuda_fsdp_and_ddp_over_nccl_agree():
+    _needs(cuda_devices=2)
+    run = dict(TOK_RUN, size="toy-2d", precision="fp32", device="cuda")  # fp32 (TF32 on, as the trainers run)
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("fsdp", "ddp"):
+            _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(), out_dir=os.path.join(d, mode))
+        fsdp, ddp = _ckpt(os.path.join(d, "fsdp")), _ckpt(os.path.join(d, "ddp"))
+        assert fsdp["step"] == ddp["step"] == 3
+        diff = _max_diff(fsdp["model"], ddp["model"])
+        assert diff <= 1e-4, diff                                      # TF32 rounding, against lr 1e-4 steps
+
+
+def test_cuda_sampling_is_seeded_and_the_cache_changes_nothing():
+    _needs(cuda_devices=1)
+    gpt, labels = _tiny_gpt().cuda(), torch.tensor([0, 1, 2, 4], device="cuda")
+    draw = lambda **kw: sample.generate(gpt, labels, cfg_scale=2.0, top_k=8, generator=torch.Generator("cuda")
+                                        .manual_seed(7), **kw)
+    a, b = draw(), draw()
+    assert a.shape == (4, 12) and a.device.type == "cuda" and torch.equal(a, b) and 0 <= a.min() <= a.max() < 40
+    assert torch.equal(draw(temperature=0), draw(temperature=0, kv_cache=False))  # fp32: greedy is exact
+
+
+def test_cuda_memory_plan_against_the_measured_peak_of_one_step():
+    # S-S (136M parameters) at 8 images: the plan's total against the allocator's peak after the first step
+    _needs(cuda_devices=1)
+    with tempfile.TemporaryDirectory() as d:
+        _, out = _on_cuda(train_tokenizer.main, train_tokenizer.TrainConfig(), dict(
+            size="s-s", data="synthetic", batch_size=8, max_steps=1, semantic_weight=0, perceptual_weight=0, eval_images=2,
+            image_interval=10 ** 6, out_dir=d))
+    planned = float(re.search(r"; total ([\d.]+) GiB", out).group(1))
+    measured = float(re.search(r"measured after the first step: peak ([\d.]+) GiB", out).group(1))
+    print(f"plan {planned:.2f} GiB, measured peak {measured:.2f} GiB")
+    assert 0.7 <= measured / planned <= 1.4, (planned, measured)
+
+
+def test_cuda_bench_prints_the_mfu():
+    _needs(cuda_devices=1)
+    import bench
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bench.main(bench.BenchConfig(device="cuda", precision="bf16", peak_tflops=989.0, steps=2, batch_size=4,
+                                     ar_batch_size=4, samples=2))
+    assert "MFU" in buf.getvalue(), buf.getvalue()
+
+
+def test_the_runner_counts_skipped_tests_in_its_closing_line():
+    # with no CUDA device every CUDA test is skipped, and counted: "N passed, M failed, K skipped"
+    count, buf = torch.cuda.device_count, io.StringIO()
+    torch.cuda.device_count = lambda: 0
+    try:
+        with contextlib.redirect_stdout(buf):
+            _run("test_cuda_")
+    finally:
+        torch.cuda.device_count = count
+    cuda_tests = [n for n in globals() if n.startswith("test_cuda_")]
+    assert buf.getvalue().splitlines()[-1] == f"0 passed, 0 failed, {len(cuda_tests)} skipped", buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------
 # the runner
 
 def _run(pattern=""):
     import traceback
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
-    passed = failed = 0
+    passed = failed = skipped = 0
     for name, fn in tests:
         t0 = time.time()
         try:
             fn()
             passed += 1
             print(f"ok    {name} ({time.time() - t0:.1f}s)", flush=True)
+        except unittest.SkipTest as e:  # a test for a device this machine lacks (see _needs)
+            skipped += 1
+            print(f"skip  {name}: {e}", flush=True)
         except (Exception, SystemExit):  # SystemExit too: a runtime.UserError that escapes fails its test, not the run
             failed += 1
             print(f"FAIL  {name} ({time.time() - t0:.1f}s)", flush=True)
             traceback.print_exc()
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return failed
 
 

@@ -394,7 +394,8 @@ def main(cfg: ARConfig):
     parts = dict(model=gpt, optimizer=(gpt, optimizer), scaler=scaler)  # what a checkpoint holds (fp16: the loss scale)
     ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     dataset = dict(data=cfg.data, classes=classes)  # what the model's class embeddings stand for
-    if os.path.exists(ckpt_path) and not cfg.fresh:  # the same data, codes and model, or another run (a line)
+    # one decision for all processes (rank 0's); the same data, codes and model, or another run (a line)
+    if runtime.on_rank0(os.path.exists(ckpt_path)) and not cfg.fresh:
         identity = dict(dataset=dataset, tokenizer_fingerprint=fingerprint, gpt=asdict(gcfg))
         step = runtime.resume(ckpt_path, parts, identity, asdict(cfg), master)
     config = dict(gpt=asdict(gcfg), dataset=dataset, train=asdict(cfg), classes=classes, names=names,
@@ -412,6 +413,7 @@ def main(cfg: ARConfig):
     val = None
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
+    first = step  # this launch's first step
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"AR {cfg.gpt}", disable=not master)
     t0, start = time.time(), step
     stop = runtime.Interrupt()  # Ctrl-C: the step in progress ends, then the run is saved
@@ -423,15 +425,17 @@ def main(cfg: ARConfig):
         for k in range(cfg.grad_accum):
             position = ((step * cfg.grad_accum + k) * world + rank) * micro        # in the stream of sequences
             x, y = (t.to(device) for t in code_batch(codes, labels, position, micro, cfg.seed))  # (B, N), (B,)
-            sync = k == cfg.grad_accum - 1 or world == 1                           # reduce on the last micro-step
+            sync = k == cfg.grad_accum - 1 or world == 1                           # DDP: on the last micro-step
             with runtime.grad_sync(train, sync), autocast:
                 logits = train(x, y)                                               # (B, N, vocab), fp32
                 loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())          # logits[:, i] predicts x[:, i]
             scaler.scale(loss / cfg.grad_accum).backward()  # gradients accumulate over the micro-steps
         grad_norm = runtime.optimizer_step(optimizer, scaler, train.parameters(), cfg.grad_clip)  # clip at 1 (official)
-        bad(grad_norm, step)  # a non-finite loss skipped this update
+        bad(grad_norm, step, scaler)  # a non-finite loss skipped this update (fp16: unless calibrating)
         step += 1
         bar.update()
+        if step == first + 1 and master and device.type == "cuda":  # beside the memory plan printed above
+            log.say(runtime.measured_peak(device))
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             step_time, t0, start = (time.time() - t0) / (step - start), time.time(), step
             log(step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr, step_time=step_time, skipped=bad.total)

@@ -167,6 +167,8 @@ class Teacher(torch.nn.Module):
     def __init__(self, name, repo, grid):
         super().__init__()
         local = os.path.isdir(repo)
+        if not local and ":" not in repo:  # a named branch: without one torch.hub asks GitHub for the
+            repo += ":main"                # default branch at every load, cached or not (torch/hub.py)
         # DINOv2's modules warn at import that xFormers is absent: three lines at every start, nothing to do
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="xFormers is not available")
@@ -193,20 +195,24 @@ def semantic_loss(student, teacher):
     return -F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
 
 
-def load_frozen(what, load, flags, rank):
-    """Load a frozen helper (rank 0 first, so a download happens once). A helper is loaded because its loss
-    weight asks for it, so one that cannot be loaded stops the run with a line that says how to fix it.
-    flags: (the flags that give local files, the flag that opts out)."""
+def load_frozen(what, load, flags):
+    """Load a frozen helper (the first process of each node first, so that a download happens once a node). A
+    helper is loaded because its loss weight asks for it, so one that cannot be loaded in any process stops the
+    run with a line that says how to fix it. flags: (the flags that give local files, the flag that opts out)."""
     def attempt():
         try:
             return load(), None
         except Exception as e:  # network, missing files, a broken checkout: all reported the same way
             return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if rank == 0:  # rank 0 first: a download goes into the shared cache once ...
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # the first process of each node (torchrun's)
+    if first:  # first: a download goes into the node's cache ($TORCH_HOME) once ...
         net, err = attempt()
     runtime.barrier()
-    if rank != 0:  # ... and the other processes then read it from there
+    if not first:  # ... and the node's other processes then read it from there
         net, err = attempt()
+    # every process trains with the helper or none does (their parameters and losses must be the same)
+    if not runtime.everywhere(net is not None):
+        net, err = None, err or "it could not be loaded in another process"
     if err:
         raise runtime.UserError(f"could not load {what}: {err}\nfix: give the machine network access, pass "
                                 f"{flags[0]}, or train without it: {flags[1]}")
@@ -225,12 +231,12 @@ def build_models(cfg, device, rank, world):
         teacher = load_frozen(f"the DINOv2 teacher {cfg.teacher} from {cfg.teacher_repo}",
                               lambda: Teacher(cfg.teacher, cfg.teacher_repo, tcfg.grid).to(device),
                               ("--teacher-repo <a checkout of facebookresearch/dinov2, with the weights in "
-                               "$TORCH_HOME/hub/checkpoints>", "--semantic-weight 0"), rank)
+                               "$TORCH_HOME/hub/checkpoints>", "--semantic-weight 0"))
     if cfg.perceptual_weight > 0:
         lpips = load_frozen("the LPIPS weights (VGG16 + linear heads)",
                             lambda: model.load_lpips(LPIPS(), cfg.vgg_path or None, cfg.lpips_lin_path or None)
                             .to(device).train(),  # train mode: dropout in its heads, as the official trainer
-                            ("--vgg-path and --lpips-lin-path (local files)", "--perceptual-weight 0"), rank)
+                            ("--vgg-path and --lpips-lin-path (local files)", "--perceptual-weight 0"))
     return tok, disc, teacher, lpips
 
 
@@ -418,7 +424,7 @@ def main(cfg: TrainConfig):
     train_set, val_set, shown = datasets(cfg, device)
     tok, disc, teacher, lpips = build_models(cfg, device, rank, world)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resuming = os.path.exists(ckpt_path) and not cfg.fresh
+    resuming = runtime.on_rank0(os.path.exists(ckpt_path)) and not cfg.fresh  # one decision for all processes
     if cfg.init_from and not resuming:
         init_tokenizer(tok, cfg.init_from, master)
     train = runtime.wrap(tok, cfg, world, device, precision, find_unused=True)  # idle: semantic head, shortcut
@@ -443,6 +449,7 @@ def main(cfg: TrainConfig):
                                  num_workers=data.workers(cfg.num_workers, device))
     train.train()
     bad = runtime.BadSteps(cfg.max_bad_steps, ckpt_path)
+    first = step  # this launch's first step
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tokenizer {cfg.size}", disable=not master)
     t0, start = time.time(), step
     while step < cfg.max_steps and not stop(device):
@@ -454,7 +461,7 @@ def main(cfg: TrainConfig):
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout masks: a function of the step
         for k in range(cfg.grad_accum):
             x = next(batches)[0].to(device, non_blocking=True)  # (micro, 3, S, S)
-            sync = k == cfg.grad_accum - 1 or world == 1         # gradients are reduced on the last micro-step only
+            sync = k == cfg.grad_accum - 1 or world == 1         # DDP reduces on the last micro-step only
             with runtime.grad_sync(train, sync), autocast:
                 t, recons = loss_terms(train, x, teacher, lpips, disc, g > 0, early, cfg.entropy_weight > 0)
                 # L_G = MSE + w_p LPIPS + g GAN + (codebook + beta commitment + w_e entropy) + feat + w_s semantic
@@ -469,19 +476,21 @@ def main(cfg: TrainConfig):
                     d_loss = discriminator_loss(disc, x, recons, g)
                 scaler_d.scale(d_loss / cfg.grad_accum).backward()
         grad_norm = runtime.optimizer_step(opt, scaler, train.parameters(), cfg.grad_clip)  # clip at 10 (official)
-        bad(grad_norm, step)  # a non-finite loss skipped this update
+        bad(grad_norm, step, scaler)  # a non-finite loss skipped this update (fp16: unless calibrating)
         if ema:
             ema.update()
         if g > 0:  # the discriminator is not wrapped in DDP or FSDP: its gradients are averaged here
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
         bar.update()
+        if step == first + 1 and master and device.type == "cuda":  # beside the memory plan printed above
+            log.say(runtime.measured_peak(device))
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             img_per_s, t0, start = (step - start) * cfg.batch_size / (time.time() - t0), time.time(), step
             log(step, loss=loss.item(), **{k: v.item() for k, v in t.items()}, d_loss=d_loss.item() if g > 0 else 0.0,
                 usage=tok.quantizer.usage(), grad_norm=grad_norm.item(), lr=lr, img_per_s=img_per_s, skipped=bad.total)
         if step % cfg.image_interval == 0 or step == cfg.max_steps:
-            with averaged():  # the weights the run hands on
+            with averaged(), autocast:  # the weights the run hands on, at the precision it trains in
                 show(tok, shown, val_set, step, cfg, log, rank, world, device)
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
@@ -492,9 +501,9 @@ def main(cfg: TrainConfig):
                 f"{' without --fresh' if cfg.fresh else ''} to continue")
         runtime.cleanup_distributed()
         raise SystemExit(130)  # the shell's status for Ctrl-C
-    if not os.path.exists(ckpt_path) or (cfg.fresh and step == 0):  # max_steps 0: the initial weights
+    if not runtime.on_rank0(os.path.exists(ckpt_path)) or (cfg.fresh and step == 0):  # max_steps 0: the init
         save()
-    with averaged():
+    with averaged(), autocast:
         val_psnr, usage = final_report(tok, val_set, step, cfg, log, ckpt_path, rank, world, device)
     runtime.cleanup_distributed()
     return dict(step=step, val_psnr=val_psnr, usage=usage, tokenizer=tok, discriminator=disc, teacher=teacher)
