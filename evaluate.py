@@ -2,7 +2,8 @@
 The paper's numbers, in plain PyTorch + numpy: rFID, gFID, IS, precision/recall, PSNR, SSIM, LPIPS, codebook
 usage, AR linear probing, and the PCA picture of Figure 8.
 
-Protocol (spec section 6, and README "Evaluation"):
+Protocol (the official tokenizer/tokenizer_image/reconstruction_ddp.py and tokenizer/validation/val_ddp.py,
+then ADM's evaluator; README "Evaluation"):
 - rFID compares the reconstructions with the *same* images (ImageNet val, 50k, center crop 256);
   gFID compares samples with ADM's VIRTUAL_imagenet256_labeled reference batch.
 - Every image is quantized to uint8 exactly as it would be saved as a PNG before any metric sees it
@@ -10,14 +11,15 @@ Protocol (spec section 6, and README "Evaluation"):
   unclamped float reconstruction.
 - PSNR / SSIM follow scikit-image (data_range 255 on uint8). The official numbers used data_range=2 on
   [0, 1] images, which inflates SSIM; see the README.
-- FID features come from the pytorch-fid port of the 2015 TensorFlow Inception graph (written here,
-  loading pytorch-fid's weights file), not from the TensorFlow evaluator itself; values differ slightly.
+- FID features come from the pytorch-fid port of TensorFlow's Inception graph (classify_image_graph_def.pb,
+  the one ADM's evaluator loads; written here, loading pytorch-fid's weights file), not from the TensorFlow
+  evaluator itself; values differ slightly.
 
     python evaluate.py --tokenizer out/tokenizer-toy/ckpt.pt        # reconstruction report (its own data)
     python evaluate.py --tokenizer <ckpt or URL> --reconstruct a.jpg,b.png   # your images, reconstructed
     python evaluate.py --samples out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # generation report
-    python evaluate.py --ckpt out/ar-toy/ckpt.pt                    # AR linear probe (on the AR model's codes)
-    torchrun --nproc_per_node=8 evaluate.py --tokenizer ... --data /data/imagenet/val   # sharded over processes
+    python evaluate.py --ckpt out/ar-toy/ckpt.pt                    # AR linear probe, on the AR model's codes
+    torchrun --nproc_per_node=8 evaluate.py --tokenizer ... --data /data/imagenet/val   # sharded per process
 """
 import dataclasses
 import math
@@ -35,7 +37,8 @@ from tqdm import tqdm
 import data
 import model
 import runtime
-from data import image_grid, psnr, to_uint8   # the project's one PSNR (float64, as scikit-image) lives in data.py
+# the project's one PSNR (float64, as scikit-image) lives in data.py
+from data import image_grid, psnr, to_uint8
 from runtime import all_reduce
 from train_ar import ARConfig, check_tokenizer, code_cache
 
@@ -67,16 +70,18 @@ def ssim(a, b, data_range=255.0, win=7, k1=0.01, k2=0.03):
     vxy = cov_norm * (mean(x * y) - mx * my)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2  # stabilizers for flat windows
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    out = s.mean((2, 3)).mean(1).numpy()                                      # per channel, then over channels
+    out = s.mean((2, 3)).mean(1).numpy()                                    # per channel, then over channels
     return float(out[0]) if single else out
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The FID network: InceptionV3 as ported by pytorch-fid from TensorFlow's 2015-12-05 graph. It differs from
-# torchvision's InceptionV3 in its weights, in 1008 output classes, in average pools that ignore the padding
-# (TensorFlow's behaviour) and in a max pool in the last block's pool branch. Names match the weights file.
+# The FID network: InceptionV3 as ported by pytorch-fid from TensorFlow's Inception graph
+# (classify_image_graph_def.pb). It differs from torchvision's InceptionV3 in its weights, in 1008 output
+# classes, in average pools that ignore the padding (TensorFlow's behaviour) and in a max pool in the last
+# block's pool branch. Names match the weights file.
 
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
 
 
 class BasicConv2d(nn.Module):
@@ -119,7 +124,9 @@ class Mixed(nn.Module):
         for names in self.chains:
             h = x
             for n in names:
-                h = torch.cat([getattr(self, m)(h) for m in n], 1) if isinstance(n, tuple) else getattr(self, n)(h)
+                # a tuple: the final pair, both on the same input, concatenated on channels
+                h = (torch.cat([getattr(self, m)(h) for m in n], 1) if isinstance(n, tuple)
+                     else getattr(self, n)(h))
             outs.append(h)
         if self.pool == "avg":
             outs.append(self.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
@@ -133,7 +140,8 @@ class Mixed(nn.Module):
 def inception_a(cin, pool_ch):  # 35x35
     return Mixed({"branch1x1": [(cin, 64, 1)],
                   "branch5x5": [(cin, 48, 1), (48, 64, 5, 1, 2)],
-                  "branch3x3dbl": [(cin, 64, 1), (64, 96, 3, 1, 1), (96, 96, 3, 1, 1)]}, "avg", (cin, pool_ch, 1))
+                  "branch3x3dbl": [(cin, 64, 1), (64, 96, 3, 1, 1), (96, 96, 3, 1, 1)]},
+                 "avg", (cin, pool_ch, 1))
 
 
 def inception_b(cin):  # 35x35 -> 17x17
@@ -145,7 +153,8 @@ def inception_c(cin, c7):  # 17x17, factorized 7x7 convs
     row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
     return Mixed({"branch1x1": [(cin, 192, 1)],
                   "branch7x7": [(cin, c7, 1), (c7, c7, *row), (c7, 192, *col)],
-                  "branch7x7dbl": [(cin, c7, 1), (c7, c7, *col), (c7, c7, *row), (c7, c7, *col), (c7, 192, *row)]},
+                  "branch7x7dbl": [(cin, c7, 1), (c7, c7, *col), (c7, c7, *row), (c7, c7, *col),
+                                   (c7, 192, *row)]},
                  "avg", (cin, 192, 1))
 
 
@@ -159,13 +168,15 @@ def inception_e(cin, pool):  # 8x8, split 3x3 convs
     pair = {"a": (384, 384, (1, 3), 1, (0, 1)), "b": (384, 384, (3, 1), 1, (1, 0))}
     return Mixed({"branch1x1": [(cin, 320, 1)],
                   "branch3x3": [(cin, 384, 1), {"2" + k: v for k, v in pair.items()}],
-                  "branch3x3dbl": [(cin, 448, 1), (448, 384, 3, 1, 1), {"3" + k: v for k, v in pair.items()}]},
+                  "branch3x3dbl": [(cin, 448, 1), (448, 384, 3, 1, 1),
+                                   {"3" + k: v for k, v in pair.items()}]},
                  pool, (cin, 192, 1))
 
 
 class InceptionV3(nn.Module):
     """x: (B, 3, H, W) float in [0, 1] (uint8 / 255) -> (pool (B, 2048), logits (B, 1008)).
-    Bilinear resize to 299x299 (align_corners=False), scale to [-1, 1], the 2015 graph, global average pool.
+    Bilinear resize to 299x299 (align_corners=False), scale to [-1, 1], the TensorFlow graph, global average
+    pool.
     The logits are pool @ fc.weight.T without the bias: the graph's softmax/logits/MatMul, which is what the
     original Inception Score code (Salimans et al. 2016) takes the softmax of."""
     def __init__(self):
@@ -214,7 +225,8 @@ def load_inception(path=None, device="cpu"):
     net = InceptionV3()
     sd = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
           if not k.endswith("num_batches_tracked")}
-    sd.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})  # ours, kept as is
+    # BatchNorm's counters: ours, kept as is
+    sd.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
     net.load_state_dict(sd, strict=True)
     return net.eval().to(device)
 
@@ -301,8 +313,9 @@ def precision_recall(real, fake, k=3, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Across processes: each rank measures one contiguous block of the images; the rows come back together on rank 0,
-# in the original order, and the statistics (FID, IS, precision/recall, the probe) are computed there, once.
+# Across processes: each rank measures one contiguous block of the images; the rows come back together on
+# rank 0, in the original order, and the statistics (FID, IS, precision/recall, the probe) are computed there,
+# once.
 
 
 def gather_rows(x, world):
@@ -330,9 +343,9 @@ def inception_features(net, images, batch=50, device="cpu"):
 
 
 class ImageSet:
-    """Images to measure, read in row ranges so that 50k of them never sit in memory at once: a folder (searched
-    recursively, sorted by path) or an .npz whose arr_0 is (n, H, W, 3) uint8 (sample.py's and ADM's format).
-    `has_images` is False for an .npz that only holds statistics (mu, sigma)."""
+    """Images to measure, read in row ranges so that 50k of them never sit in memory at once: a folder
+    (searched recursively, sorted by path) or an .npz whose arr_0 is (n, H, W, 3) uint8 (sample.py's and ADM's
+    format). `has_images` is False for an .npz that only holds statistics (mu, sigma)."""
 
     def __init__(self, path):
         self.path, self.files, self.n = path, None, 0
@@ -341,11 +354,13 @@ class ImageSet:
                                 for f in fs if f.lower().endswith(data.IMAGE_EXTENSIONS))
             self.n = len(self.files)
         elif not zipfile.is_zipfile(path):
-            raise runtime.UserError(f"{path}: not a folder of images nor an .npz (arr_0 images and/or mu, sigma)")
+            raise runtime.UserError(f"{path}: not a folder of images nor an .npz "
+                                    f"(arr_0 images and/or mu, sigma)")
         elif "arr_0.npy" in zipfile.ZipFile(path).namelist():
             with zipfile.ZipFile(path).open("arr_0.npy") as f:          # the .npy header, then raw rows
                 version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
                 shape, fortran, self.dtype = read(f)
                 self.offset = f.tell()
             if fortran or len(shape) != 4 or shape[-1] != 3 or self.dtype != np.uint8:
@@ -372,7 +387,8 @@ def shard(n, rank, world):
 
 
 def image_set_features(net, images, batch, device, rank, world, desc):
-    """Inception features of every image of an ImageSet, computed in shards, gathered on rank 0 (None elsewhere)."""
+    """Inception features of every image of an ImageSet, computed in shards, gathered on rank 0 (None
+    elsewhere)."""
     lo, hi = shard(len(images), rank, world)
     pools, logits = [], []
     for i in tqdm(range(lo, hi, batch), desc=desc, disable=rank != 0):
@@ -386,16 +402,17 @@ def image_set_features(net, images, batch, device, rank, world, desc):
 
 
 def reference_stats(ref, net, batch, device, rank, world, cache):
-    """-> dict(mu, sigma[, pool]) of a reference: an .npz with mu/sigma (ADM's reference batches, or our cache)
-    and/or images (arr_0), or a folder. Stored mu/sigma win, as in ADM's evaluator (for ADM's files they come
-    from the TensorFlow graph); pool features (for precision/recall) come from the images. Computed ones are
-    cached in `cache` (.npz with mu, sigma, pool), which can be passed as the reference next time."""
+    """-> dict(mu, sigma[, pool]) of a reference: an .npz with mu/sigma (ADM's reference batches, or our
+    cache) and/or images (arr_0), or a folder. Stored mu/sigma win, as in ADM's evaluator (for ADM's files
+    they come from the TensorFlow graph); pool features (for precision/recall) come from the images. Computed
+    ones are cached in `cache` (.npz with mu, sigma, pool), which can be passed as the reference next time."""
     stored, images = {}, ImageSet(ref)       # ImageSet refuses a file of another format
     if not os.path.isdir(ref):
         with np.load(ref) as z:
             stored = {k: z[k] for k in ("mu", "sigma", "pool") if k in z.files}
     if "pool" not in stored and images.has_images:
-        pool, _ = image_set_features(net, images, batch, device, rank, world, f"reference {os.path.basename(ref)}")
+        pool, _ = image_set_features(net, images, batch, device, rank, world,
+                                     f"reference {os.path.basename(ref)}")
         if rank == 0:  # the statistics once, where the features were gathered
             stored["pool"] = pool  # (n, 2048) Inception features of the reference images
             if "mu" not in stored:
@@ -403,7 +420,8 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
             np.savez(cache, **stored)
             print(f"reference statistics cached in {cache}")
     elif "mu" not in stored:
-        raise runtime.UserError(f"--ref {ref}: neither images (arr_0, or a folder) nor statistics (mu, sigma) there")
+        raise runtime.UserError(f"--ref {ref}: neither images (arr_0, or a folder) "
+                                f"nor statistics (mu, sigma) there")
     return stored
 
 
@@ -413,11 +431,11 @@ def reference_stats(ref, net, batch, device, rank, world, cache):
 
 @torch.no_grad()
 def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None, lpips=None, out_dir="."):
-    """Reconstruct every image of `dataset` (items (x (3, H, W) in [-1, 1], label), center-cropped by the dataset)
-    through the codes, as the official evaluation does: encode -> indices -> decode. PSNR and SSIM compare the
-    uint8 images one would save (the original quantized the same way); LPIPS takes the float images, the
-    reconstruction unclamped; usage counts distinct codes over the whole set; rFID compares the Inception
-    statistics of the reconstructions with those of the same originals."""
+    """Reconstruct every image of `dataset` (items (x (3, H, W) in [-1, 1], label), center-cropped by the
+    dataset) through the codes, as the official evaluation does: encode -> indices -> decode. PSNR and SSIM
+    compare the uint8 images one would save (the original quantized the same way); LPIPS takes the float
+    images, the reconstruction unclamped; usage counts distinct codes over the whole set; rFID compares the
+    Inception statistics of the reconstructions with those of the same originals."""
     n = min(len(dataset), cfg.num_images or len(dataset))
     lo, hi = shard(n, rank, world)  # this rank's contiguous block of images
     sums = torch.zeros(3, dtype=torch.float64)                              # psnr, ssim, lpips
@@ -427,7 +445,8 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
     batches = data.in_order(dataset, lo, hi, cfg.batch_size, data.workers(cfg.num_workers, device))
     for x, _ in tqdm(batches, desc="reconstructing", disable=rank != 0):
         x = x.to(device)                                                    # (B, 3, H, W)
-        # through the codes, as the official evaluation: encode -> indices -> decode
+        # through the codes, as the official tokenizer/tokenizer_image/reconstruction_ddp.py: encode ->
+        # indices -> decode
         codes = tok.encode(x)                                               # (B, N)
         recon = tok.decode(codes).float()                                   # (B, 3, H, W), unclamped
         orig8, recon8 = to_uint8(x), to_uint8(recon)
@@ -455,22 +474,25 @@ def reconstruction_report(tok, dataset, cfg, device, rank, world, inception=None
     if rank == 0 and grid is not None:
         from PIL import Image
         out["grid"] = os.path.join(out_dir, "reconstructions.png")
-        Image.fromarray(grid).save(out["grid"])                            # top: originals, bottom: reconstructions
+        Image.fromarray(grid).save(out["grid"])  # top: originals, bottom: reconstructions
     return out
 
 
 def generation_inputs(samples, ref):
-    """The samples as an ImageSet; a UserError when they hold no images or either file is of another format."""
+    """The samples as an ImageSet; a UserError when they hold no images or either file is of another
+    format."""
     images = ImageSet(samples)
     if not images.has_images:
-        raise runtime.UserError(f"--samples {samples}: no images there (a folder of images, or an .npz with arr_0)")
+        raise runtime.UserError(f"--samples {samples}: no images there "
+                                f"(a folder of images, or an .npz with arr_0)")
     if ref:
         ImageSet(ref)
     return images
 
 
 def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir="."):
-    """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see reference_stats)."""
+    """gFID, IS, precision and recall of a folder or .npz of samples against a reference (see
+    reference_stats)."""
     images = generation_inputs(samples, ref)
     pool, logits = image_set_features(inception, images, cfg.batch_size, device, rank, world, "samples")
     if ref:  # every rank takes part in the reference's features
@@ -489,13 +511,15 @@ def generation_report(samples, ref, cfg, device, rank, world, inception, out_dir
 
 
 # -----------------------------------------------------------------------------------------------------------
-# AR linear probing (spec 5.4): what the AR model's hidden states know about the class, without being told it.
+# AR linear probing (paper Sec. 4.1; the official autoregressive/lin_probe/lin_probe.py): what the AR model's
+# hidden states know about the class, without being told it.
 
 
 @torch.no_grad()
 def probe_features(gpt, codes, batch=64, device="cpu"):
-    """codes (n, N) -> (n, dim): the GPT run with the null class on [null, codes[:, :-1]], the hidden state after
-    layer n_layer // 2, mean-pooled over all N positions (null position included), as the official probe."""
+    """codes (n, N) -> (n, dim): the GPT run with the null class on [null, codes[:, :-1]], the hidden state
+    after layer n_layer // 2, mean-pooled over all N positions (null position included), as the official
+    probe."""
     gpt.eval()
     feats = []
     for i in range(0, len(codes), batch):
@@ -509,8 +533,9 @@ def probe_features(gpt, codes, batch=64, device="cpu"):
 def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, lr=0.1, batch=128, seed=0,
                        device="cpu"):
     """BatchNorm1d(no affine) + Linear on frozen features, trained with cross-entropy; -> top-1 on val (%).
-    As the official probe: lr = base lr * batch / 256, 10/90 of the epochs of linear warmup, then a half-cosine
-    to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9 instead of LARS."""
+    As the official probe: lr = base lr * batch / 256, 10/90 of the epochs of linear warmup, then a
+    half-cosine to 0, no weight decay, weight init N(0, 0.01) truncated. Ours uses SGD with momentum 0.9
+    instead of LARS."""
     g = torch.Generator().manual_seed(seed)  # the probe's init and order: a function of the seed
     dim = train_x.shape[1]
     # the official probe head
@@ -534,8 +559,11 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
                 continue
             t = (step - warmup) / max(1, total - warmup)
             for group in opt.param_groups:
-                group["lr"] = peak * (step + 1) / warmup if step < warmup else peak * 0.5 * (1 + math.cos(math.pi * t))
-            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])  # on frozen features: only the probe learns
+                # linear warmup, then a half-cosine to 0
+                group["lr"] = (peak * (step + 1) / warmup if step < warmup
+                               else peak * 0.5 * (1 + math.cos(math.pi * t)))
+            # on frozen features: only the probe learns
+            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -550,9 +578,9 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=90, l
 
 
 def first_of_one_class(data, k):
-    """The first k images of the first class that has k of them -> ((k, 3, H, W), label). An image folder's labels
-    are read from its file list, without decoding (its held-out images interleave the classes); otherwise from the
-    first 2000 items."""
+    """The first k images of the first class that has k of them -> ((k, 3, H, W), label). An image folder's
+    labels are read from its file list, without decoding (its held-out images interleave the classes);
+    otherwise from the first 2000 items."""
     labels = [y for _, y in data.samples] if hasattr(data, "samples") else \
         [int(data[i][1]) for i in range(min(len(data), 2000))]
     by_class = {}
@@ -566,10 +594,10 @@ def first_of_one_class(data, k):
 
 @torch.no_grad()
 def pca_picture(tok, x, path):
-    """Decoder features at the semantically regularized layer (aux['dec_feat'], (B, grid^2, C)) of a few images
-    of one class; one PCA over all their tokens; the first three components, each min-max scaled over the set,
-    shown as RGB under each image. With semantic regularization, the same parts of different images get the
-    same colours."""
+    """Decoder features at the semantically regularized layer (aux['dec_feat'], (B, grid^2, C)) of a few
+    images of one class; one PCA over all their tokens; the first three components, each min-max scaled over
+    the set, shown as RGB under each image. With semantic regularization, the same parts of different images
+    get the same colours."""
     from PIL import Image
     _, aux = tok(x)
     f = aux["dec_feat"].double()                                            # (B, g*g, C)
@@ -579,7 +607,8 @@ def pca_picture(tok, x, path):
     flat = flat - flat.mean(0)  # centered (B*g*g, C) features of all images together
     _, vecs = torch.linalg.eigh(flat.T @ flat)                             # ascending eigenvalues
     proj = flat @ vecs[:, -3:].flip(1)                                      # (B*g*g, 3): components 1, 2, 3
-    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values + 1e-12)  # each component to [0, 1]
+    # each component to [0, 1]
+    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values + 1e-12)
     maps = proj.reshape(B, g, g, 3).permute(0, 3, 1, 2).float()  # (B, 3, g, g): one RGB pixel per grid cell
     maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest")          # (B, 3, H, W) in [0, 1]
     top = to_uint8(x)
@@ -607,9 +636,12 @@ class EvalConfig:
                                 # the tokenizer's)
     split: str = "val"          # split to reconstruct (the paper: ImageNet val, 50k, center crop)
     num_images: int = 0         # reconstruct only the first n images of the split; 0 = all
-    samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation report
-    ref: str = ""               # gFID reference: .npz (ADM reference batch arr_0/mu/sigma, or our cache) or a folder
-    ckpt: str = ""              # AR checkpoint: linear probe (tokenizer: --tokenizer, else the one it was trained on)
+    samples: str = ""           # generated images, a folder or an .npz with arr_0 (sample.py): generation
+                                # report
+    ref: str = ""               # gFID reference: .npz (ADM reference batch arr_0/mu/sigma, or our cache) or
+                                # a folder
+    ckpt: str = ""              # AR checkpoint: linear probe (tokenizer: --tokenizer, else the one it was
+                                # trained on)
     probe_epochs: int = 90      # official: 90 (10 of warmup)
     probe_lr: float = 0.1       # base lr, scaled by probe_batch / 256 (official blr 0.1)
     probe_batch: int = 128      # official: 128 per GPU
@@ -634,23 +666,27 @@ def print_table(results):
 
 
 def probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world):
-    """Codes (n, N), labels (n,) and the data they came from, of a split for the probe: the codes the AR model was
-    trained / validated on, from train_ar.py's code cache (encoded now if absent), the center view of the ten
-    training crops. An AR checkpoint without our training config (an official one) gets every image of --data."""
+    """Codes (n, N), labels (n,) and the data they came from, of a split for the probe: the codes the AR model
+    was trained / validated on, from train_ar.py's code cache (encoded now if absent), the center view of the
+    ten training crops. An AR checkpoint without our training config (an official one) gets every image of
+    --data."""
     fields = {f.name for f in dataclasses.fields(ARConfig)}  # what train_ar.py stored about its data
     ar_cfg = dataclasses.replace(ARConfig(data=cfg.data, per_class=0),
-                                 **{**{k: v for k, v in ar_train.items() if k in fields}, "tokenizer": tok_path,
-                                    "num_workers": cfg.num_workers})
-    views = 10 if split == "train" else 1  # the cache's layout: ten crops for training, the center crop held out
-    codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)   # (n, views, N) memory-mapped
-    center = 4 if views == 10 else 0                                                 # ten crops: 4 corners, center
+                                 **{**{k: v for k, v in ar_train.items() if k in fields},
+                                    "tokenizer": tok_path, "num_workers": cfg.num_workers})
+    # the cache's layout: ten crops for training, the center crop held out
+    views = 10 if split == "train" else 1
+    # (n, views, N), memory-mapped
+    codes, labels, _ = code_cache(tok, ar_cfg, split, views, rank, world, device)
+    center = 4 if views == 10 else 0  # ten crops: 4 corners, then the center
     return np.asarray(codes[:, center]).astype(np.int64), np.asarray(labels), ar_cfg.data
 
 
 def linear_probe(gpt, tok, tok_path, cfg, ar_train, device, rank, world):
-    """The AR linear probe (spec 5.4) -> its report section (on rank 0; None elsewhere)."""
+    """The AR linear probe (paper Sec. 4.1) -> its report section (on rank 0; None elsewhere)."""
     feats = {}
-    for split in ("train", "val"):  # center views for both (the official probe trains on random crops + flips)
+    # center views for both splits (the official probe trains on random crops and flips)
+    for split in ("train", "val"):
         codes, labels, used = probe_codes(tok, tok_path, cfg, ar_train, split, device, rank, world)
         lo, hi = shard(len(codes), rank, world)
         f = probe_features(gpt, codes[lo:hi], cfg.batch_size, device).numpy()
@@ -696,18 +732,21 @@ def main(cfg: EvalConfig):
                         (cfg.num_images >= 0, "num_images", "0 (all) or more"),
                         (cfg.num_classes >= 0, "num_classes", "0 (all) or more"),
                         (cfg.batch_size >= 1, "batch_size", "1 or more"),
-                        (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"), (cfg.probe_lr > 0, "probe_lr", "above 0"),
+                        (cfg.probe_epochs >= 1, "probe_epochs", "1 or more"),
+                        (cfg.probe_lr > 0, "probe_lr", "above 0"),
                         (cfg.probe_batch >= 2, "probe_batch", "2 or more (BatchNorm)"),
                         (cfg.threads >= 0, "threads", "0 or more"),
                         (cfg.num_workers >= -1, "num_workers", "-1 (auto) or 0 or more"),
                         *[(not p or os.path.exists(p) or (k in ("tokenizer", "ckpt") and model.is_url(p)), k,
-                           "no such file or folder") for k, p in
-                          (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt), ("samples", cfg.samples), ("ref", cfg.ref))]])
+                           "no such file or folder")
+                          for k, p in (("tokenizer", cfg.tokenizer), ("ckpt", cfg.ckpt),
+                                       ("samples", cfg.samples), ("ref", cfg.ref))]])
     for p in cfg.reconstruct:
         if not os.path.isfile(p):
             raise runtime.UserError(f"--reconstruct {p}: no such file")
-    # the flags first: a wrong path is one line before Inception or a checkpoint is read
-    if cfg.samples:  # before any loading: a folder without images, or a file of another format, is one line
+    # the flags first: a wrong path, a folder without samples or a file of another format is one line before
+    # Inception or a checkpoint is read
+    if cfg.samples:
         generation_inputs(cfg.samples, cfg.ref)
     rank, world, device = runtime.setup(cfg)
     master = rank == 0
@@ -738,7 +777,8 @@ def main(cfg: EvalConfig):
         ckpt = model.read_checkpoint(cfg.ckpt)
         gpt_config = ckpt.get("config") or {}
         gpt = model.load_gpt(ckpt, device=device)
-    tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")  # an AR checkpoint names its tokenizer
+    # an AR checkpoint names its tokenizer
+    tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")
     tok = model.load_tokenizer(tok_path, device=device) if tok_path else None  # eval mode, fp32 as official
     # --data "": what the tokenizer was trained on
     cfg, data_from, tok_classes = runtime.trained_data(
@@ -760,8 +800,8 @@ def main(cfg: EvalConfig):
         if master:
             print(f"data {cfg.data}{data_from}: {len(images)} {cfg.split} images of {len(images.classes)} "
                   f"classes")
-        rec = dict(data=cfg.data, **reconstruction_report(tok, images, cfg, device, rank, world, inception, lpips,
-                                                           out_dir))
+        rec = dict(data=cfg.data,
+                   **reconstruction_report(tok, images, cfg, device, rank, world, inception, lpips, out_dir))
         if cfg.pca and master:
             x, y = first_of_one_class(images, 6)
             rec["pca"] = pca_picture(tok, x.to(device), os.path.join(out_dir, f"pca-class{y}.png"))
@@ -771,16 +811,17 @@ def main(cfg: EvalConfig):
         if inception is None:
             notes.append("generation report skipped: it needs the Inception weights")
         else:
-            results["generation"] = generation_report(cfg.samples, cfg.ref, cfg, device, rank, world, inception,
-                                                      out_dir)
+            results["generation"] = generation_report(cfg.samples, cfg.ref, cfg, device, rank, world,
+                                                      inception, out_dir)
 
     if cfg.ckpt:
         if tok is None:
             raise runtime.UserError(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
         # the codes must be the vocabulary the GPT was trained on
         if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
-            raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) "
-                                    f"does not fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
+            raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x "
+                                    f"{tok.cfg.num_tokens}) does not fit the AR model "
+                                    f"({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
         probe = linear_probe(gpt, tok, tok_path, cfg, gpt_config.get("train", {}), device, rank, world)
         if master:
             results["linear_probe"] = probe
