@@ -317,17 +317,21 @@ def validation_loss(gpt, codes, labels, batch, rank, world, device, autocast):
 
 def summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step, entropy,
             data_from=""):
-    """The start-up lines: the model, the data (and the subset a preset uses), the schedule, the reference losses."""
-    subset = f" (the preset's subset: {cfg.per_class} per class; --per-class 0 for all)" if cfg.per_class else ""
-    return (f"AR {cfg.gpt}: {runtime.count(gpt) / 1e6:.2f}M params; {gcfg.block_size} tokens of {gcfg.vocab_size} "
-            f"codes, {len(classes)} classes\n"
-            f"data {cfg.data}{data_from}: {len(codes)} training images{subset} x {codes.shape[1]} views, "
-            f"{len(val_codes)} held out; {cfg.batch_size} sequences per step = {world} processes x "
-            f"{cfg.grad_accum} micro-steps x {micro}; "
-            f"device {device}, {precision}; steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup "
-            f"{cfg.warmup})" + (f"; resuming from step {step}" if step else "") + "\n"
-            f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; unigram entropy "
-            f"of the training codes {entropy:.3f}")
+    """The start-up lines, each short enough for a terminal: the model, the data (and the subset a preset uses),
+    the batch and the device, the schedule, the reference losses."""
+    lines = [f"AR {cfg.gpt}: {runtime.count(gpt) / 1e6:.2f}M params; {gcfg.block_size} tokens of "
+             f"{gcfg.vocab_size} codes, {len(classes)} classes",
+             f"data {cfg.data}{data_from}: {len(codes)} training images x {codes.shape[1]} views, "
+             f"{len(val_codes)} held out"]
+    if cfg.per_class:
+        lines.append(f"the preset's subset: {cfg.per_class} training images per class (--per-class 0 for all)")
+    lines += [f"{cfg.batch_size} sequences per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
+              f"device {device}, {precision}",
+              f"steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} ({cfg.schedule}, warmup {cfg.warmup})"
+              + (f"; resuming from step {step}" if step else ""),
+              f"reference cross-entropies (nats per code): log(vocab) {math.log(gcfg.vocab_size):.3f}; "
+              f"unigram entropy of the training codes {entropy:.3f}"]
+    return "\n".join(lines)
 
 
 def memory_plan(cfg, gcfg, world, precision):
@@ -403,10 +407,12 @@ def main(cfg: ARConfig):
     save = lambda: runtime.save(ckpt_path, parts, step=step, config=config)
     entropy = unigram_entropy(codes, gcfg.vocab_size) if master else None  # for the log, on the main process only
     log = runtime.Logger(cfg.out_dir, master)
-    if master:  # the start-up lines, and the memory plan
+    if master:  # the start-up lines
         log.say(summary(cfg, gcfg, gpt, codes, val_codes, classes, world, micro, device, precision, step,
                         entropy, data_from))
-        log.say(memory_plan(cfg, gcfg, world, precision))
+        # the memory plan where it informs: on CUDA, beside the peak measured after the first step (--plan: alone)
+        if device.type == "cuda":
+            log.say(memory_plan(cfg, gcfg, world, precision))
 
     # 3. the loop: next-token cross-entropy, AdamW, clipping, per-step lr
     evaluate = lambda: validation_loss(gpt, val_codes, val_labels, micro, rank, world, device, autocast)
