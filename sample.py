@@ -3,12 +3,15 @@ Class-conditional image generation: the AR model writes codes token by token, th
 
     # toy: a labelled grid, one row per class -> out/ar-toy/samples.png
     python sample.py
-    python sample.py --ckpt out/ar-gpt-b/ckpt.pt --cfg-scale 1.75 --cfg-schedule step --classes 207,360,387,974
-    torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000   # PNGs + an .npz for FID (evaluate.py)
+    python sample.py --ckpt out/ar-gpt-b/ckpt.pt --cfg-scale 1.75 --cfg-schedule step \
+        --classes 207,360,387,974
+    # PNGs + an .npz for FID (evaluate.py)
+    torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000
 
-Classifier-free guidance as the official generate.py (spec 5.3): the batch is doubled with the null class and
-logits = uncond + s * (cond - uncond). The "step" schedule keeps s = 1 until a fraction step_start of the codes
-is written, except the first code, which always gets the full scale (the official prefill ignores the schedule).
+Classifier-free guidance as the official autoregressive/models/generate.py: the batch is doubled with the
+null class and logits = uncond + s * (cond - uncond). The "step" schedule keeps s = 1 until a fraction
+step_start of the codes is written, except the first code, which always gets the full scale (the official
+prefill ignores the schedule).
 """
 import dataclasses
 import math
@@ -34,7 +37,8 @@ class SampleConfig:
     ckpt: str = "out/ar-toy/ckpt.pt"  # AR checkpoint or URL (ours from train_ar.py, or an official GigaTok
                                       # gpt_1d one)
     tokenizer: str = ""               # tokenizer checkpoint or URL; "" = the one the AR model was trained on
-    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 3, else 4)
+    cfg_scale: float = -1.0           # guidance scale s (1 = none); -1 = the AR model's (train_ar.py: toy 3,
+                                      # else 4)
     cfg_schedule: str = "constant"    # "constant" or "step" (official gFID setting: step, start 0.18, s 1.75)
     step_start: float = 0.18          # step schedule: fraction of the codes written before s applies
     temperature: float = 1.0          # 0 = greedy (argmax)
@@ -47,8 +51,9 @@ class SampleConfig:
     num_samples: int = 0              # > 0: write this many images (classes uniformly at random) + an .npz
     batch_size: int = 32              # images generated at once (per process)
     out: str = ""                     # grid PNG path, or folder for num_samples; "" = beside the checkpoint
-    precision: str = "auto"           # the AR model's: "auto" (bf16 on CUDA, fp32 elsewhere), bf16, fp16, fp32
-                                      # (bf16 on a CPU: AVX-512 BF16 or AMX only); the tokenizer decodes in fp32
+    precision: str = "auto"           # the AR model's: "auto" (bf16 on CUDA, fp32 elsewhere), bf16, fp16,
+                                      # fp32 (bf16 on a CPU: AVX-512 BF16 or AMX only); the tokenizer decodes
+                                      # in fp32
     device: str = ""                  # "" = cuda, else mps, else cpu
     threads: int = 0                  # torch CPU threads (0 = torch's default)
 
@@ -57,7 +62,8 @@ class SampleConfig:
 # Generation
 
 def guidance_scale(i, n, scale, schedule, step_start):
-    """Scale for code i of n. Official step schedule: ratio = i / (n - 1); the first code gets the full scale."""
+    """Scale for code i of n. Official step schedule: ratio = i / (n - 1); the first code gets the full
+    scale."""
     if schedule == "constant" or i == 0:
         return scale
     assert schedule == "step", f"unknown cfg_schedule {schedule!r}; known: constant, step"
@@ -76,7 +82,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        # (B, 1) the k-th largest logit
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:  # keep the smallest set of most likely codes whose probability reaches top_p
         sorted_logits, order = logits.sort(-1, descending=True)
@@ -90,8 +97,9 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 @torch.no_grad()
 def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.18, temperature=1.0, top_k=0,
              top_p=1.0, generator=None, kv_cache=True):
-    """labels (B,) -> codes (B, N), one code at a time. With guidance (cfg_scale != 1) every step runs a doubled
-    batch [labels; null class]. kv_cache=False recomputes the whole prefix each step: same codes, slower."""
+    """labels (B,) -> codes (B, N), one code at a time. With guidance (cfg_scale != 1) every step runs a
+    doubled batch [labels; null class]. kv_cache=False recomputes the whole prefix each step: same codes,
+    slower."""
     assert not gpt.training, "generate needs gpt.eval() (train mode drops labels and applies dropout)"
     B, N = len(labels), gpt.cfg.block_size
     guided = cfg_scale != 1.0
@@ -99,9 +107,11 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
     cond = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)]) if guided else labels
     codes = labels.new_zeros(B, N)  # (B, N), filled left to right
     if kv_cache:
-        device = labels.device.type  # the cache in the compute dtype: bf16 under bf16 autocast (half the bytes)
+        # the cache in the compute dtype: bf16 under bf16 autocast (half the bytes)
+        device = labels.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        gpt.setup_cache(len(cond), N, dtype=dtype, device=labels.device)  # positions [class token, codes 0 .. N-2]
+        # positions [class token, codes 0 .. N-2]
+        gpt.setup_cache(len(cond), N, dtype=dtype, device=labels.device)
     try:
         for i in range(N):
             if kv_cache and i == 0:
@@ -110,7 +120,9 @@ def generate(gpt, labels, cfg_scale=1.0, cfg_schedule="constant", step_start=0.1
                 prev = codes[:, i - 1:i]
                 # the same code for both halves
                 logits = gpt.forward_cached(torch.cat([prev, prev]) if guided else prev, None, i)
-            else:  # forward() reads codes[:, :i] and predicts code i at its last position; the last column is a dummy
+            else:
+                # forward() reads codes[:, :i] and predicts code i at its last position;
+                # the last column is a dummy
                 x = codes[:, :i + 1]
                 logits = gpt(torch.cat([x, x]) if guided else x, cond)
             logits = logits[:, -1].float()  # (2B or B, V): the next code's logits
@@ -181,22 +193,30 @@ def labelled_grid(rows, names, max_label_width=200):
 
 
 def validate(cfg):
-    """Every sampling field in its range, before anything is loaded (the flag, its value and what is valid)."""
+    """Every sampling field in its range, before anything is loaded (the flag, its value and what is
+    valid)."""
     runtime.check(cfg, [
-        (cfg.cfg_scale == -1 or cfg.cfg_scale >= 0, "cfg_scale", "0 or more (1 = no guidance), or -1 for the model's"),
+        (cfg.cfg_scale == -1 or cfg.cfg_scale >= 0, "cfg_scale",
+         "0 or more (1 = no guidance), or -1 for the model's"),
         (cfg.cfg_schedule in ("constant", "step"), "cfg_schedule", "constant or step"),
-        (0 <= cfg.step_start <= 1, "step_start", "in [0, 1]"), (cfg.temperature >= 0, "temperature", "0 (greedy) or more"),
+        (0 <= cfg.step_start <= 1, "step_start", "in [0, 1]"),
+        (cfg.temperature >= 0, "temperature", "0 (greedy) or more"),
         (cfg.top_k >= 0, "top_k", "0 (off) or more"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1] (1 = off)"),
-        (cfg.per_class >= 1, "per_class", "1 or more"), (cfg.num_samples >= 0, "num_samples", "0 (a grid) or more"),
+        (cfg.per_class >= 1, "per_class", "1 or more"),
+        (cfg.num_samples >= 0, "num_samples", "0 (a grid) or more"),
         (cfg.batch_size >= 1, "batch_size", "1 or more"), (cfg.threads >= 0, "threads", "0 or more"),
-        (re.fullmatch(r"(\d+(,\d+)*)?", cfg.classes) is not None, "classes", "comma-separated class ids, e.g. 0,3,7")])
+        (re.fullmatch(r"(\d+(,\d+)*)?", cfg.classes) is not None, "classes",
+         "comma-separated class ids, e.g. 0,3,7")])
 
 
 def grid_classes(cfg, num_classes):
-    """The grid's rows: --classes, each checked against the model's classes, or up to 10 evenly spaced ones."""
+    """The grid's rows: --classes, each checked against the model's classes, or up to 10 evenly spaced
+    ones."""
     if not cfg.classes:  # the default grid: up to 10 rows, spread over the classes
-        return sorted({round(i * (num_classes - 1) / max(1, min(10, num_classes) - 1)) for i in range(min(10, num_classes))})
-    runtime.check(cfg, [(all(int(c) < num_classes for c in cfg.classes.split(",")), "classes",  # ids the model knows
+        return sorted({round(i * (num_classes - 1) / max(1, min(10, num_classes) - 1))
+                       for i in range(min(10, num_classes))})
+    # ids the model knows
+    runtime.check(cfg, [(all(int(c) < num_classes for c in cfg.classes.split(",")), "classes",
                          f"class ids from 0 to {num_classes - 1} (this model has {num_classes} classes)")])
     return [int(c) for c in cfg.classes.split(",")]
 
@@ -204,11 +224,13 @@ def grid_classes(cfg, num_classes):
 def load_models(cfg, device):
     """-> (the AR model, the tokenizer it was trained on, class names, cfg with the model's guidance scale)"""
     if not (os.path.exists(cfg.ckpt) or model.is_url(cfg.ckpt)):
-        raise runtime.UserError(f"no AR checkpoint at {cfg.ckpt}: train one first (`python train_tokenizer.py && python "
-                         f"train_ar.py` for the toy), or pass --ckpt <ours or an official GigaTok GPT checkpoint>")
+        raise runtime.UserError(f"no AR checkpoint at {cfg.ckpt}: train one first "
+                                f"(`python train_tokenizer.py && python train_ar.py` for the toy), or pass "
+                                f"--ckpt <ours or an official GigaTok GPT checkpoint>")
     ckpt = model.read_checkpoint(cfg.ckpt)          # ours or an official one (the loader reads both)
     ours = ckpt.get("config") or {}
-    trained = ours.get("train", {})                  # how train_ar.py made it (empty for an official checkpoint)
+    # how train_ar.py made it (empty for an official checkpoint)
+    trained = ours.get("train", {})
     gpt = model.load_gpt(ckpt, device=device)        # eval mode
     if cfg.cfg_scale == -1:                          # official checkpoints: the official 4.0
         cfg = dataclasses.replace(cfg, cfg_scale=trained.get("cfg_scale", 4.0))
@@ -217,8 +239,9 @@ def load_models(cfg, device):
         raise runtime.UserError(f"{cfg.ckpt} does not name its tokenizer: pass --tokenizer <checkpoint>")
     tok = model.load_tokenizer(tok_path, device=device)
     if (tok.cfg.codebook_size, tok.cfg.num_tokens) != (gpt.cfg.vocab_size, gpt.cfg.block_size):
-        raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x {tok.cfg.num_tokens}) does not "
-                         f"fit the AR model ({gpt.cfg.vocab_size} x {gpt.cfg.block_size})")
+        raise runtime.UserError(f"--tokenizer {tok_path} ({tok.cfg.codebook_size} codes x "
+                                f"{tok.cfg.num_tokens}) does not fit the AR model ({gpt.cfg.vocab_size} x "
+                                f"{gpt.cfg.block_size})")
     check_tokenizer(tok, tok_path, ours, cfg.ckpt)  # the codes it writes are that tokenizer's
     # human-readable names (train_ar.py records the data's: "goldfish" for n01443537), else the class ids
     names = ours.get("names") or ours.get("classes") or [str(c) for c in range(gpt.cfg.num_classes)]
@@ -233,7 +256,8 @@ def main(cfg: SampleConfig):
     rank, world, device = runtime.setup(cfg)
     gpt, tok, names, cfg = load_models(cfg, device)
     autocast = runtime.autocast_for(cfg.precision, device)[1]
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # each process its own stream
+    # each process its own stream
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
     stats = dict(tokens=0, seconds=0.0)
     # the outputs go beside the checkpoint (a URL's: under out/)
     here = os.path.join("out", os.path.basename(cfg.ckpt)) if model.is_url(cfg.ckpt) else cfg.ckpt
@@ -257,12 +281,14 @@ def main(cfg: SampleConfig):
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             rows = [images_for(torch.full((cfg.per_class,), c, dtype=torch.long, device=device))
                     for c in tqdm(classes, desc="sampling", disable=rank != 0)]
-            labelled_grid(rows, [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]).save(out)
+            row_names = [f"{c} {names[c]}" if names[c] != str(c) else str(c) for c in classes]
+            labelled_grid(rows, row_names).save(out)
     else:  # num_samples images, classes uniformly at random (official), sharded over the processes
         out = cfg.out or os.path.splitext(here)[0] + f"-samples-{cfg.num_samples}"
         os.makedirs(out, exist_ok=True)
         # the same labels on every rank
-        labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,), generator=torch.Generator().manual_seed(cfg.seed))
+        labels_all = torch.randint(gpt.cfg.num_classes, (cfg.num_samples,),
+                                   generator=torch.Generator().manual_seed(cfg.seed))
         mine = list(range(rank, cfg.num_samples, world))  # this process's images
         for s in tqdm(range(0, len(mine), cfg.batch_size), desc="sampling", disable=rank != 0):
             idx = mine[s:s + cfg.batch_size]
@@ -270,13 +296,14 @@ def main(cfg: SampleConfig):
                 Image.fromarray(img).save(os.path.join(out, f"{i:06d}.png"))
         runtime.barrier()
         if rank == 0:  # the .npz that FID tools read: arr_0 = (n, H, W, 3) uint8, plus the labels
-            arr = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png"))) for i in range(cfg.num_samples)])
+            arr = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png")))
+                            for i in range(cfg.num_samples)])
             np.savez(out + ".npz", arr_0=arr, labels=labels_all.numpy())
             out = f"{out}/ and {out}.npz"
     if rank == 0:
         mode = "KV cache" if cfg.kv_cache else "no cache"
-        print(f"wrote {out}; {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} codes/s per process ({mode}, "
-              f"guidance {cfg.cfg_scale} {cfg.cfg_schedule})")
+        print(f"wrote {out}; {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} codes/s per process "
+              f"({mode}, guidance {cfg.cfg_scale} {cfg.cfg_schedule})")
     runtime.cleanup_distributed()
 
 

@@ -1897,6 +1897,7 @@ def test_the_ladder_follows_the_tokenizer_data_and_refuses_to_mix_runs():
                                    batch_size=4, per_class=0, eval_interval=1000, device="cpu")
         _, said = _said(train_ar.main, ar_cfg)
         assert f"data {F} (from the tokenizer checkpoint): 6 training images" in said, said
+        assert "memory plan" not in said, said  # a CPU run prints no plan (a CUDA run and --plan do)
         seen, real = [], sample.labelled_grid
         sample.labelled_grid = lambda rows, names: seen.append(names) or real(rows, names)
         try:
