@@ -1514,14 +1514,18 @@ def test_bad_flags_are_one_line_errors_with_exit_status_2():
                  (["--lr", "0"], "--lr 0.0"), (["--precision", "fp8"], "--precision 'fp8'"),
                  (["--beta2", "1.5"], "--beta2 1.5"), (["--no-such-flag", "1"], "unrecognized")]
         for argv, says in cases:
-            code, err = _user_error(train_tokenizer.main, train_tokenizer.TrainConfig(), argv + ["--out-dir", d])
+            code, err = _user_error(train_tokenizer.main, train_tokenizer.TrainConfig(),
+                                    argv + ["--out-dir", d])
             lines = [l for l in err.splitlines() if not l.startswith("usage:")]
-            assert code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in err, (argv, code, err)
+            assert (code == 2 and len(lines) == 1 and says in lines[0]
+                    and "Traceback" not in err), (argv, code, err)
         for argv, says in [(["--gpt", "foo"], "--gpt 'foo'"), (["--decay-frac", "0"], "--decay-frac 0.0")]:
-            code, err = _user_error(train_ar.main, train_ar.ARConfig(tokenizer=os.path.join(d, "none.pt")), argv)
+            code, err = _user_error(train_ar.main, train_ar.ARConfig(tokenizer=os.path.join(d, "none.pt")),
+                                    argv)
             assert code == 2 and says in err, (argv, code, err)
         for argv, says in [(["--cfg-scale", "-5"], "--cfg-scale -5.0"), (["--top-p", "3"], "--top-p 3.0"),
-                           (["--temperature", "-1"], "--temperature -1.0"), (["--classes", "a,b"], "--classes")]:
+                           (["--temperature", "-1"], "--temperature -1.0"),
+                           (["--classes", "a,b"], "--classes")]:
             code, err = _user_error(sample.main, sample.SampleConfig(), argv)
             assert code == 2 and says in err, (argv, code, err)
         os.makedirs(os.path.join(d, "empty"))
@@ -1531,36 +1535,41 @@ def test_bad_flags_are_one_line_errors_with_exit_status_2():
         with open(os.path.join(d, "ref.npz"), "w") as f:
             f.write("not an npz")
         for argv, says in [(["--samples", os.path.join(d, "empty")], "no images there"),
-                           (["--samples", os.path.join(d, "one"), "--ref", os.path.join(d, "ref.npz")], "not a folder"),
+                           (["--samples", os.path.join(d, "one"), "--ref", os.path.join(d, "ref.npz")],
+                            "not a folder"),
                            ([], "nothing to evaluate")]:
-            code, err = _user_error(evaluate.main, evaluate.EvalConfig(inception_path=os.path.join(d, "no.pth")), argv)
+            code, err = _user_error(evaluate.main,
+                                    evaluate.EvalConfig(inception_path=os.path.join(d, "no.pth")), argv)
             assert code == 2 and says in err, (argv, code, err)
     # and as a real process: status 2, one line after argparse's usage line, no traceback
-    p = subprocess.run([sys.executable, "train_tokenizer.py", "--batch-size", "0"], cwd=REPO, capture_output=True,
-                       text=True)
+    p = subprocess.run([sys.executable, "train_tokenizer.py", "--batch-size", "0"], cwd=REPO,
+                       capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "error: --batch-size 0: 1 or more", p.stderr
 
 
 def test_bf16_on_a_cpu_needs_native_bf16_and_runs_attention_in_fp32():
-    # a CPU without native bf16 (AVX-512 BF16 or AMX): --precision bf16 is a one-line error naming fp32; a memory
-    # plan or bench.py's count, which only borrow the CPU's autocast for fake tensors, still work
+    # a CPU without native bf16 (AVX-512 BF16 or AMX): --precision bf16 is a one-line error naming fp32;
+    # a memory plan or bench.py's count, which only borrow the CPU's autocast for fake tensors, still work
     native = runtime.native_bf16
     runtime.native_bf16 = lambda: False
     try:
         with tempfile.TemporaryDirectory() as d:
             code, err = _user_error(train_tokenizer.main, train_tokenizer.TrainConfig(),
                                     ["--precision", "bf16", "--device", "cpu", "--out-dir", d])
-        assert code == 2 and "no native bf16" in err and "--precision fp32" in err and "Traceback" not in err, err
+        assert (code == 2 and "no native bf16" in err and "--precision fp32" in err
+                and "Traceback" not in err), err
         assert runtime.autocast_for("bf16", torch.device("cpu"), planning=True)[0] == "bf16"
         import bench  # so does bench.py's count, which runs no kernel either
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            bench.main(bench.BenchConfig(count=True, precision="bf16", device="cpu", batch_size=1, ar_batch_size=1))
+            bench.main(bench.BenchConfig(count=True, precision="bf16", device="cpu", batch_size=1,
+                                         ar_batch_size=1))
         assert "; bf16;" in buf.getvalue() and "GFLOP per token" in buf.getvalue(), buf.getvalue()
     finally:
         runtime.native_bf16 = native
     assert runtime.autocast_for("fp32", torch.device("cpu"))[0] == "fp32"  # fp32 runs on every CPU
-    # model.fp32_on_cpu: under a CPU autocast the attention is the fp32 one of the bf16 inputs; without, untouched
+    # model.fp32_on_cpu: under a CPU autocast the attention is the fp32 one of the bf16 inputs;
+    # without an autocast, untouched
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 8).bfloat16() for n in (5, 7, 7))
     plain = F.scaled_dot_product_attention(q, k, v)
@@ -1569,12 +1578,14 @@ def test_bf16_on_a_cpu_needs_native_bf16_and_runs_attention_in_fp32():
         mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
         x = torch.randn(2, 5, 16)
         out = model.fp32_on_cpu(mha, x.bfloat16(), x.bfloat16(), x.bfloat16(), need_weights=False)[0]
-    assert inside.dtype == torch.float32 and torch.equal(inside, F.scaled_dot_product_attention(q.float(), k.float(),
-                                                                                                v.float()))
-    # three separate fp32 copies, as fp32_on_cpu makes (one tensor passed three times takes MHA's packed projection)
-    assert out.dtype == torch.float32 and torch.equal(out, mha(*(x.bfloat16().float() for _ in range(3)),
-                                                               need_weights=False)[0])
-    assert torch.equal(model.fp32_on_cpu(F.scaled_dot_product_attention, q, k, v), plain) and plain.dtype == q.dtype
+    assert inside.dtype == torch.float32 and torch.equal(
+        inside, F.scaled_dot_product_attention(q.float(), k.float(), v.float()))
+    # three separate fp32 copies, as fp32_on_cpu makes them: one tensor passed three times would take
+    # MHA's packed projection
+    assert out.dtype == torch.float32 and torch.equal(
+        out, mha(*(x.bfloat16().float() for _ in range(3)), need_weights=False)[0])
+    assert (torch.equal(model.fp32_on_cpu(F.scaled_dot_product_attention, q, k, v), plain)
+            and plain.dtype == q.dtype)
 
 
 def _odd_image_folder(d):
@@ -1619,8 +1630,8 @@ def test_image_folder_uses_odd_images_and_skips_bad_files_with_a_count():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train, val = data.make_dataset(d, "train", 16), data.make_dataset(d, "val", 16)
-        assert any("skipped 1 files that are not images" in str(w.message) and "1 class folders without images"
-                   in str(w.message)
+        assert any("skipped 1 files that are not images" in str(w.message)
+                   and "1 class folders without images" in str(w.message)
                    for w in caught), [str(w.message) for w in caught]
         assert train.classes == val.classes == ["a", "b", "empty_class"]
         assert len(train) + len(val) == 13 and len(val) == 3                   # every 4th image of each class
@@ -1632,12 +1643,15 @@ def test_image_folder_uses_odd_images_and_skips_bad_files_with_a_count():
                 assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
                 seen[os.path.basename(train.samples[i][0])] = x
                 assert train.train_item(i, np.random.default_rng(i))[0].shape == (3, 16, 16)
-        unreadable = {os.path.basename(str(w.message).split()[2]) for w in caught if "unreadable image" in str(w.message)}
-        assert unreadable == {"truncated.jpg", "empty.png", "text.png"} & {os.path.basename(p) for p, _ in train.samples}
-        assert torch.allclose(seen["transparent.png"], torch.ones(3, 16, 16))   # transparency over white
-        assert seen["sixteen.png"].std() > 0.2                                   # 16-bit scaled, not clipped white
+        unreadable = {os.path.basename(str(w.message).split()[2]) for w in caught
+                      if "unreadable image" in str(w.message)}
+        assert unreadable == ({"truncated.jpg", "empty.png", "text.png"}
+                              & {os.path.basename(p) for p, _ in train.samples})
+        assert torch.allclose(seen["transparent.png"], torch.ones(3, 16, 16))  # transparency over white
+        assert seen["sixteen.png"].std() > 0.2  # 16-bit scaled, not clipped white
         exif = data.open_rgb(os.path.join(d, "b", "exif.jpg"))
-        assert exif.size == (40, 20) and np.asarray(exif)[:10].mean() > 200 > np.asarray(exif)[10:].mean()  # upright
+        # upright: the white half on top
+        assert exif.size == (40, 20) and np.asarray(exif)[:10].mean() > 200 > np.asarray(exif)[10:].mean()
         with tempfile.TemporaryDirectory() as d1:  # a class of one image cannot be split: a one-line error
             os.makedirs(os.path.join(d1, "only"))
             from PIL import Image
@@ -1667,7 +1681,8 @@ def test_nonfinite_steps_are_skipped_and_counted_and_a_run_of_them_stops_cleanly
             poisoned = {3}
             result, rows = _tok_run(d, max_steps=5)
             assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1]
-            assert all(torch.isfinite(v).all() for v in result["tokenizer"].state_dict().values() if v.is_floating_point())
+            assert all(torch.isfinite(v).all() for v in result["tokenizer"].state_dict().values()
+                       if v.is_floating_point())
             poisoned, calls[0] = set(range(100)), 0
             before = model.read_checkpoint(os.path.join(d, "ckpt.pt"))["model"]
             try:
@@ -1678,14 +1693,16 @@ def test_nonfinite_steps_are_skipped_and_counted_and_a_run_of_them_stops_cleanly
             after = model.read_checkpoint(os.path.join(d, "ckpt.pt"))
             assert after["step"] == 2 and all(torch.isfinite(v).all() for v in after["model"].values()
                                               if v.is_floating_point())
-            assert not all(torch.equal(before[k], after["model"][k]) for k in before)  # the fresh run's, intact
+            # the fresh run's checkpoint, intact
+            assert not all(torch.equal(before[k], after["model"][k]) for k in before)
     finally:
         train_tokenizer.loss_terms = real
 
 
 def test_fp16_loss_scale_calibration_does_not_stop_a_run_but_a_nan_loss_still_does():
-    # The GradScaler halves its scale on every step whose scaled gradients overflow and skips that step: calibration,
-    # not a bad step. Gradients of ~1e10 overflow fp32 at a scale above ~2^98, so 2^120 takes ~20 skips to calibrate
+    # The GradScaler halves its scale on every step whose scaled gradients overflow and skips that step:
+    # calibration, not a bad step. Gradients of ~1e10 overflow fp32 at a scale above ~2^98, so 2^120 takes
+    # ~20 skips to calibrate
     torch.manual_seed(0)
     net, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -1694,7 +1711,8 @@ def test_fp16_loss_scale_calibration_does_not_stop_a_run_but_a_nan_loss_still_do
     for step in range(60):
         scaler.scale(1e10 * net(x).pow(2).mean()).backward()
         bad(runtime.optimizer_step(opt, scaler, net.parameters(), 10.0), step, scaler)  # no SystemExit
-    assert bad.total == 0 and scaler.get_scale() < 2.0 ** 100 and not torch.equal(w0, net.weight)  # it trained
+    # no bad step counted, the scale calibrated, and it trained
+    assert bad.total == 0 and scaler.get_scale() < 2.0 ** 100 and not torch.equal(w0, net.weight)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # a NaN loss overflows at every scale
     try:
         for step in range(30):
@@ -1713,8 +1731,10 @@ def test_resume_accepts_changed_training_fields_and_names_changed_architecture_f
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             _tok_run(d, max_steps=3, entropy_weight=0.02)
-        assert f"entropy_weight {train_tokenizer.TRAIN_PRESETS['toy']['entropy_weight']:g} -> 0.02" in buf.getvalue()
-        bad = dict(ckpt, config=dict(ckpt["config"], tokenizer=dict(ckpt["config"]["tokenizer"], codebook_size=512)))
+        assert (f"entropy_weight {train_tokenizer.TRAIN_PRESETS['toy']['entropy_weight']:g} -> 0.02"
+                in buf.getvalue())
+        bad = dict(ckpt, config=dict(ckpt["config"],
+                                     tokenizer=dict(ckpt["config"]["tokenizer"], codebook_size=512)))
         runtime.save_checkpoint(bad, os.path.join(d, "ckpt.pt"))
         try:
             _tok_run(d, max_steps=4)
@@ -1724,9 +1744,9 @@ def test_resume_accepts_changed_training_fields_and_names_changed_architecture_f
 
 
 def _toy_command(out_dir, *extra):
-    return [sys.executable, "train_tokenizer.py", "--out-dir", out_dir, "--batch-size", "2", "--max-steps", "12",
-            "--ckpt-interval", "1", "--log-interval", "1", "--image-interval", "1000", "--eval-images", "2",
-            "--threads", "1", "--per-class", "2", *extra]
+    return [sys.executable, "train_tokenizer.py", "--out-dir", out_dir, "--batch-size", "2",
+            "--max-steps", "12", "--ckpt-interval", "1", "--log-interval", "1", "--image-interval", "1000",
+            "--eval-images", "2", "--threads", "1", "--per-class", "2", *extra]
 
 
 def test_weight_average_is_the_moving_average_and_the_weights_come_back_exactly():
@@ -1774,8 +1794,10 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(_toy_command(os.path.join(d, "straight")), cwd=REPO, check=True, capture_output=True)
         killed = os.path.join(d, "killed")
-        for delay in (3.5, 5.0, 6.2):                  # seconds after the start: in steps and in checkpoint writes
-            p = subprocess.Popen(_toy_command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # kills at these seconds after the start: in steps and in checkpoint writes
+        for delay in (3.5, 5.0, 6.2):
+            p = subprocess.Popen(_toy_command(killed), cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
             time.sleep(delay)
             p.send_signal(signal.SIGKILL)
             p.wait()
@@ -1785,7 +1807,8 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_weights():
         for key in ("model", "ema"):  # the weights and their moving average
             diff = max((a[key][k].float() - b[key][k].float()).abs().max().item() for k in a[key])
             assert diff == 0, (key, diff)
-        assert os.listdir(killed) and not [f for f in os.listdir(killed) if ".tmp" in f]  # no half-written files left
+        # no half-written files left
+        assert os.listdir(killed) and not [f for f in os.listdir(killed) if ".tmp" in f]
 
 
 def _class_folder(root, classes, per_class=3, size=40):
@@ -2031,8 +2054,9 @@ def test_evaluate_reconstruct_puts_each_image_beside_its_reconstruction_with_its
 
 
 def _torchrun_cli(n, *args, restarts=0):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           f"--max-restarts={restarts}", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={n}", f"--max-restarts={restarts}", *args],
+                          cwd=REPO, capture_output=True, text=True)
 
 
 def _max_weight_diff(d, run_a, run_b):
@@ -2041,18 +2065,21 @@ def _max_weight_diff(d, run_a, run_b):
 
 
 def test_two_gloo_processes_equal_one_at_twice_the_batch_with_and_without_grad_accum():
-    # the entropy loss averages over each process's micro-batch (a batch-dependent term): off here, as the README says.
-    # On the 2D toy: in the 1D toy some gradient elements sit at rounding level, and AdamW turns their reduction-order
-    # differences (1e-7) into lr-sized steps of either sign (measured: 1.7e-4 apart after 2 steps at lr 1e-4)
+    # The entropy loss averages over each process's micro-batch (a batch-dependent term): off here, as the
+    # README says. On the 2D toy: in the 1D toy some gradient elements sit at rounding level, and AdamW turns
+    # their reduction-order differences into lr-sized steps of either sign (see EXPERIMENTS.md)
     with tempfile.TemporaryDirectory() as d:
         common = ["--size", "toy-2d", "--max-steps", "3", "--eval-images", "2", "--threads", "1",
-                  "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000", "--log-interval", "1"]
+                  "--entropy-weight", "0", "--per-class", "2", "--image-interval", "1000",
+                  "--log-interval", "1"]
         for name, n, extra in [("one", 1, ["--batch-size", "4"]), ("two", 2, ["--batch-size", "4"]),
-                               ("one-8", 1, ["--batch-size", "8"]), ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
+                               ("one-8", 1, ["--batch-size", "8"]),
+                               ("two-accum", 2, ["--batch-size", "8", "--grad-accum", "2"])]:
             p = _torchrun_cli(n, "train_tokenizer.py", "--out-dir", os.path.join(d, name), *extra, *common)
             assert p.returncode == 0, p.stderr[-2000:]
         diffs = _max_weight_diff(d, "one", "two"), _max_weight_diff(d, "one-8", "two-accum")
-        print(f"max abs weight difference after 3 steps: 2 processes {diffs[0]:.2e}, with --grad-accum 2 {diffs[1]:.2e}")
+        print(f"max abs weight difference after 3 steps: 2 processes {diffs[0]:.2e}, "
+              f"with --grad-accum 2 {diffs[1]:.2e}")
         assert max(diffs) < 1e-5, diffs
 
 
@@ -2076,9 +2103,10 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkp
                   "--threads", "1", "--entropy-weight", "0", "--per-class", "2",
                   "--image-interval", "1000", "--log-interval", "1"]
         out = os.path.join(d, "restarted")
-        # one worker: a restarted pair of gloo workers can time out connecting to each other on a loaded machine
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
-               "train_tokenizer.py", "--out-dir", out, *common]
+        # one worker: a restarted pair of gloo workers can time out connecting to each other on a loaded
+        # machine
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "--max-restarts=1", "train_tokenizer.py", "--out-dir", out, *common]
         p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while not os.path.exists(os.path.join(out, "ckpt.pt")) and time.time() < deadline:
@@ -2089,7 +2117,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues_from_its_checkp
         os.kill(workers[-1], signal.SIGKILL)                                     # one worker dies mid-run
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, log[-3000:]
-        assert "resuming from step" in log, log[-3000:]                         # the restarted workers resumed
+        assert "resuming from step" in log, log[-3000:]  # the restarted workers resumed
         p = _torchrun_cli(1, "train_tokenizer.py", "--out-dir", os.path.join(d, "straight"), *common)
         assert p.returncode == 0, p.stderr[-2000:]
         diff = _max_weight_diff(d, "straight", "restarted")
@@ -2105,12 +2133,15 @@ def test_bench_prints_a_row_for_every_measurement():
     with contextlib.redirect_stdout(buf):
         bench.main(bench.BenchConfig(batch_size=2, ar_batch_size=2, samples=1, steps=1, device="cpu"))
     rows = [l for l in buf.getvalue().splitlines() if "GFLOP" in l]
-    assert len(rows) == 7 and all("/s" in r and "peak" in r for r in rows), buf.getvalue()  # figures, not timings
-    assert sum("memory plan per process" in l for l in buf.getvalue().splitlines()) == 2  # tokenizer and AR steps
+    # every row holds figures, not only timings
+    assert len(rows) == 7 and all("/s" in r and "peak" in r for r in rows), buf.getvalue()
+    # one plan for the tokenizer's step, one for the AR model's
+    assert sum("memory plan per process" in l for l in buf.getvalue().splitlines()) == 2
 
 
 def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
-    # --count counts from the shapes alone (fake tensors); it must give what the same steps count on real tensors
+    # --count counts from the shapes alone (fake tensors); it must give what the same steps count on real
+    # tensors
     import bench
     cfg = bench.BenchConfig(batch_size=2, ar_batch_size=2, count=True)
     tcfg = TOKENIZER_PRESETS["toy"]
@@ -2121,7 +2152,8 @@ def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
     tok, disc, gpt = Tokenizer(tcfg), model.PatchDiscriminator(), GPT(gcfg)
     codes = torch.randint(gcfg.vocab_size, (2, gcfg.block_size))
     tokenizer_step, ar_step = bench.training_steps(tok, disc, gpt, torch.rand(2, 3, 64, 64) * 2 - 1, codes,
-                                                   torch.randint(gcfg.num_classes, (2,)), contextlib.nullcontext())
+                                                   torch.randint(gcfg.num_classes, (2,)),
+                                                   contextlib.nullcontext())
     real = [bench.flops(lambda: tokenizer_step(False)) / 2, bench.flops(lambda: tokenizer_step(True)) / 2,
             bench.flops(ar_step) / (2 * gcfg.block_size)]
     assert list(fake.values()) == real and real[0] > 1e9, (fake, real)  # toy: ~2.4 GFLOP an image
@@ -2130,8 +2162,9 @@ def test_bench_counts_on_fake_tensors_the_flops_of_the_real_steps():
 # ---- distributed: FSDP and activation checkpointing (runtime.wrap) ----
 
 def _torchrun(script, nproc=2, env=(), **flags):
-    """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun: nproc CPU
-    processes over gloo, one thread each, on the cores this process may use; env: more environment variables."""
+    """script's main ("train_tokenizer" or "train_ar", with the tests' tiny presets) under torchrun: nproc
+    CPU processes over gloo, one thread each, on the cores this process may use; env: more environment
+    variables."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", script] + [f"--{k}={v}" for k, v in flags.items()]
     p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **dict(env)), stdout=subprocess.PIPE,
@@ -2146,11 +2179,13 @@ def _torchrun(script, nproc=2, env=(), **flags):
 
 def _worker(script, argv):  # the other end of _torchrun
     _register_tiny_ar()
-    if os.environ.get("TEST_COMPILE_BACKEND"):  # torch.compile with another backend (aot_eager: no C compiler)
+    # torch.compile with another backend (aot_eager: no C compiler)
+    if os.environ.get("TEST_COMPILE_BACKEND"):
         import functools
         torch.compile = functools.partial(torch.compile, backend=os.environ["TEST_COMPILE_BACKEND"])
-    if os.environ.get("TEST_BLIND_RANK") == os.environ["RANK"]:  # this process sees no checkpoint file (as on a
-        exists = os.path.exists                                     # node whose --out-dir is its own disk)
+    # this process sees no checkpoint file (as on a node whose --out-dir is its own disk)
+    if os.environ.get("TEST_BLIND_RANK") == os.environ["RANK"]:
+        exists = os.path.exists
         os.path.exists = lambda path: not str(path).endswith("ckpt.pt") and exists(path)
     module, config = dict(train_tokenizer=(train_tokenizer, train_tokenizer.TrainConfig),
                           train_ar=(train_ar, train_ar.ARConfig))[script]
@@ -2158,8 +2193,8 @@ def _worker(script, argv):  # the other end of _torchrun
 
 
 def _max_diff(a, b):
-    """The largest |a - b| over the tensors of two state dicts with the same names (and, for an optimizer's, the
-    same parameter indices and state)."""
+    """The largest |a - b| over the tensors of two state dicts with the same names (and, for an optimizer's,
+    the same parameter indices and state)."""
     if isinstance(a, dict) and "state" in a:  # an optimizer's: compare its moments
         assert a["param_groups"] == b["param_groups"] and sorted(a["state"]) == sorted(b["state"])
         return max(_max_diff(a["state"][i], b["state"][i]) for i in a["state"])
@@ -2171,18 +2206,21 @@ def _ckpt(folder):
     return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)
 
 
-# the toy tokenizer, 3 steps of 4 images, offline; a constant lr of 1e-4: at its first steps AdamW moves every weight
-# by about lr whatever the gradient's size, so the rounding of tiny gradients (a sum over 4 images, or two over 2)
-# shows in the weights at ~lr/10; at lr 1e-3 one and two processes differ by 1e-4 (DDP exactly as FSDP)
+# the toy tokenizer, 3 steps of 4 images, offline; a constant lr of 1e-4: at its first steps AdamW moves every
+# weight by about lr whatever the gradient's size, so the rounding of tiny gradients (a sum over 4 images, or
+# two over 2) shows in the weights at a fraction of lr; a larger lr makes one and two processes differ more
+# (DDP exactly as FSDP; see EXPERIMENTS.md)
 TOK_RUN = dict(size="toy", batch_size=4, max_steps=3, eval_images=2, per_class=2,
                entropy_weight=0.0, warmup=0, lr=1e-4, end_lr=1e-4, log_interval=1, image_interval=10 ** 6)
 
 
 def _tok_in_process(out_dir, **kw):  # the same run in this process (one process, no torchrun)
     # one thread, as each torchrun worker: the rounding of a reduction depends on the thread count
-    flags, threads = {**TOK_RUN, **kw, "out_dir": out_dir, "device": "cpu", "threads": 1}, torch.get_num_threads()
+    flags, threads = ({**TOK_RUN, **kw, "out_dir": out_dir, "device": "cpu", "threads": 1},
+                      torch.get_num_threads())
     try:
-        train_tokenizer.main(runtime.parse_config(train_tokenizer.TrainConfig(), [f"--{k}={v}" for k, v in flags.items()]))
+        train_tokenizer.main(runtime.parse_config(train_tokenizer.TrainConfig(),
+                                                  [f"--{k}={v}" for k, v in flags.items()]))
     finally:
         torch.set_num_threads(threads)
     return _ckpt(out_dir)
@@ -2191,30 +2229,33 @@ def _tok_in_process(out_dir, **kw):  # the same run in this process (one process
 def test_fsdp_two_processes_equal_one():
     with tempfile.TemporaryDirectory() as d:
         # 65 held-out images: 33 = 32 + 1 on one process, 32 on the other, one batch more to run (a stand-in)
-        # on the 2D toy, for the reason test_two_gloo_processes_equal_one_at_twice_the_batch... gives (the 1D toy:
-        # 7.6e-5 apart after 3 steps on this AMD EPYC)
-        run = dict(eval_images=65, size="toy-2d", ema=0.99)  # with a weight average (toy-2d has none of its own)
+        # on the 2D toy, for the reason test_two_gloo_processes_equal_one_at_twice_the_batch... gives;
+        # with a weight average (toy-2d has none of its own)
+        run = dict(eval_images=65, size="toy-2d", ema=0.99)
         one = _tok_in_process(os.path.join(d, "one"), **run)
         _torchrun("train_tokenizer", **dict(TOK_RUN, **run), fsdp="true", out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))
         diff = _max_diff(one["model"], fsdp["model"])
-        # 2 processes x 2 images = 1 x 4, to fp32 rounding: convolutions over 2 or 4 images add in another order
-        # (4.9e-6 on one CPU, 1.9e-5 on an AVX2-only AMD EPYC), against the ~3e-4 that 3 Adam steps at lr 1e-4 move
+        # 2 processes x 2 images = 1 x 4, to fp32 rounding: convolutions over 2 or 4 images add in another
+        # order (the CPU's kernels set how far; see EXPERIMENTS.md), against the ~3e-4 that 3 Adam steps at
+        # lr 1e-4 move
         assert diff <= 5e-5, diff
-        assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6      # one format: torch.optim's, by index
-        assert _max_diff(one["ema"], fsdp["ema"]) <= 5e-5                  # the average of the shards, gathered
+        assert _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6  # one format: torch.optim's, by index
+        assert _max_diff(one["ema"], fsdp["ema"]) <= 5e-5  # the average of the shards, gathered
         assert set(fsdp) == set(one) and fsdp["step"] == 3
         import json
-        psnr = [json.loads(open(os.path.join(d, run, "log.jsonl")).readlines()[-1])["val_psnr"] for run in ("one", "fsdp")]
-        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr                        # the same 65 images, each counted once
-        model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))          # the loader reads it as any of ours
+        psnr = [json.loads(open(os.path.join(d, run, "log.jsonl")).readlines()[-1])["val_psnr"]
+                for run in ("one", "fsdp")]
+        assert abs(psnr[0] - psnr[1]) < 1e-3, psnr  # the same 65 images, each counted once
+        model.load_tokenizer(os.path.join(d, "fsdp", "ckpt.pt"))  # the loader reads it as any of ours
 
 
 def test_fsdp_with_a_weight_average_shown_every_step_equals_one_process():
-    # FSDP2 keeps the root unit (codebook, quant convs, the CNN's middle, the heads) gathered after a forward without
-    # gradients; the pictures and the held-out PSNR run with the average swapped in (EMA.applied), so the root must
-    # be resharded on leaving it, or the next training step runs on the averaged root. The 2D toy, as in
-    # test_fsdp_two_processes_equal_one; a fast average (0.5), so that the average is far from the weights
+    # FSDP2 keeps the root unit (codebook, quant convs, the CNN's middle, the heads) gathered after a forward
+    # without gradients; the pictures and the held-out PSNR run with the average swapped in (EMA.applied), so
+    # the root must be resharded on leaving it, or the next training step runs on the averaged root. The 2D
+    # toy, as in test_fsdp_two_processes_equal_one; a fast average (0.5), so that the average is far from the
+    # weights
     run = dict(TOK_RUN, size="toy-2d", max_steps=4, ema=0.5, image_interval=1, eval_images=8)
     with tempfile.TemporaryDirectory() as d:
         one = _tok_in_process(os.path.join(d, "one"), **run)
@@ -2228,9 +2269,10 @@ def test_fsdp_with_a_weight_average_shown_every_step_equals_one_process():
 
 
 def test_held_out_psnr_at_bf16_is_the_same_with_and_without_fsdp():
-    # The held-out PSNR and the pictures run under the training's autocast in every mode; the code choice in float32
-    # (FSDP's bf16 policy gathers every unit but the quantizer's in bf16). Before: pure bf16 under FSDP (a bf16
-    # codebook), float32 without. The initial weights (max_steps 0), so that only the evaluation can differ
+    # The held-out PSNR and the pictures run under the training's autocast in every mode; the code choice in
+    # float32 (FSDP's bf16 policy gathers every unit but the quantizer's in bf16). The bug this guards: pure
+    # bf16 under FSDP (a bf16 codebook), float32 without. The initial weights (max_steps 0), so that only the
+    # evaluation can differ
     _needs(native_bf16=True)
     run = dict(TOK_RUN, size="toy-2d", max_steps=0, precision="bf16", eval_images=16)
     with tempfile.TemporaryDirectory() as d:
@@ -2247,22 +2289,26 @@ def _last_log(folder):
 
 
 def test_fsdp_start_up_is_the_plain_init_exactly():
-    # under FSDP only rank 0 builds the model in memory, the other process on the meta device; rank 0 hands out
-    # its weights one tensor at a time (runtime.build, fill_from_rank0): the init is the plain run's, to the bit
+    # under FSDP only rank 0 builds the model in memory, the other process on the meta device; rank 0 hands
+    # out its weights one tensor at a time (runtime.build, fill_from_rank0): the init is the plain run's, to
+    # the bit
     with tempfile.TemporaryDirectory() as d:
         one = _tok_in_process(os.path.join(d, "one"), max_steps=0)
-        _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=0), fsdp="true", out_dir=os.path.join(d, "fsdp"))
+        _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=0), fsdp="true",
+                  out_dir=os.path.join(d, "fsdp"))
         fsdp = _ckpt(os.path.join(d, "fsdp"))
         for key in ("model", "discriminator"):
-            assert list(one[key]) == list(fsdp[key]) and all(torch.equal(one[key][k], fsdp[key][k]) for k in one[key])
+            assert list(one[key]) == list(fsdp[key]) and all(torch.equal(one[key][k], fsdp[key][k])
+                                                             for k in one[key])
 
 
 def test_fsdp_with_the_discriminator_equals_ddp():
-    # The PatchGAN's BatchNorm normalizes over each process's own images (2 of them, not all 4, as in the official
-    # DDP trainer), so against one process its outputs, and through the GAN term the tokenizer, differ by design;
-    # FSDP against DDP at the same world size sees the same statistics and must agree.
-    # On the 2D toy, for the reason test_two_gloo_processes_equal_one_at_twice_the_batch... gives (the 1D toy: equal to
-    # 1e-8 after one step, then AdamW's sign flips on rounding-level gradient elements, 1.7e-4 apart after two)
+    # The PatchGAN's BatchNorm normalizes over each process's own images (2 of them, not all 4, as in the
+    # official DDP trainer, tokenizer/tokenizer_image/vq/vq_train.py), so against one process its outputs, and
+    # through the GAN term the tokenizer, differ by design; FSDP against DDP at the same world size sees the
+    # same statistics and must agree. On the 2D toy, for the reason
+    # test_two_gloo_processes_equal_one_at_twice_the_batch... gives (in the 1D toy AdamW flips the sign of
+    # rounding-level gradient elements after the first step)
     run = dict(TOK_RUN, size="toy-2d", disc_start=0)
     with tempfile.TemporaryDirectory() as d:
         _torchrun("train_tokenizer", **run, fsdp="true", out_dir=os.path.join(d, "fsdp"))
@@ -2271,8 +2317,9 @@ def test_fsdp_with_the_discriminator_equals_ddp():
         for key in ("model", "discriminator", "optimizer", "optimizer_disc"):
             diff = _max_diff(fsdp[key], ddp[key])
             assert diff <= 1e-5, (key, diff)
+        # the discriminator trained
         assert any(not torch.equal(v, _ckpt_init_disc("toy-2d")[k]) for k, v in fsdp["discriminator"].items()
-                   if v.is_floating_point())                               # the discriminator trained
+                   if v.is_floating_point())
 
 
 def _ckpt_init_disc(size="toy"):  # the discriminator as build_models creates it (seed 0, after the tokenizer)
@@ -2283,44 +2330,50 @@ def _ckpt_init_disc(size="toy"):  # the discriminator as build_models creates it
 
 def test_fsdp_resume_is_exact_with_or_without_checkpointing_and_resumes_in_one_process():
     with tempfile.TemporaryDirectory() as d:
-        run = lambda folder, steps, **kw: _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
-                                                                           out_dir=os.path.join(d, folder), **kw))
+        run = lambda folder, steps, **kw: _torchrun(
+            "train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
+                                      out_dir=os.path.join(d, folder), **kw))
         run("straight", 4, checkpointing="true")  # activations recomputed in the backward: the same numbers
         run("resumed", 2)
         import shutil
         shutil.copytree(os.path.join(d, "resumed"), os.path.join(d, "alone"))  # the 2-step sharded checkpoint
-        run("resumed", 4)                                                      # continues at step 3
+        run("resumed", 4)  # continues at step 3
         straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
         for key in ("model", "optimizer", "ema"):  # resumed = uninterrupted, checkpointing = not, exactly
             assert _max_diff(straight[key], resumed[key]) == 0, key
-        alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)         # a sharded checkpoint, one process
+        alone = _tok_in_process(os.path.join(d, "alone"), max_steps=4)  # a sharded checkpoint, one process
         diff = _max_diff(straight["model"], alone["model"])
         assert alone["step"] == 4 and diff <= 1e-5, diff
 
 
 def test_the_resume_decision_is_rank_0s():
-    # every process continues from the checkpoint when rank 0 sees it, even one that does not see the file (here
-    # rank 1: os.path.exists says no): before, rank 0 resumed alone and the processes ran different steps
+    # every process continues from the checkpoint when rank 0 sees it, even one that does not see the file
+    # (here rank 1: os.path.exists says no); otherwise rank 0 would resume alone and the processes would run
+    # different steps
     with tempfile.TemporaryDirectory() as d:
-        run = lambda folder, steps, **kw: _torchrun("train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
-                                                                           out_dir=os.path.join(d, folder)), **kw)
+        run = lambda folder, steps, **kw: _torchrun(
+            "train_tokenizer", **dict(TOK_RUN, max_steps=steps, fsdp="true",
+                                      out_dir=os.path.join(d, folder)), **kw)
         run("straight", 3)
         run("resumed", 2)
         run("resumed", 3, env=dict(TEST_BLIND_RANK="1"))
         straight, resumed = _ckpt(os.path.join(d, "straight")), _ckpt(os.path.join(d, "resumed"))
-        assert resumed["step"] == 3 and all(_max_diff(straight[k], resumed[k]) == 0 for k in ("model", "optimizer"))
+        assert resumed["step"] == 3 and all(_max_diff(straight[k], resumed[k]) == 0
+                                            for k in ("model", "optimizer"))
 
 
 def test_compile_with_fsdp_and_with_ddp_equals_eager():
-    # FSDP: each block's forward compiled before fully_shard (FSDP's hooks outside the graphs); DDP: the DDP module
-    # compiled (graphs split at its buckets). aot_eager traces forward and backward as inductor does, but runs
-    # torch's own kernels: no C compiler needed, and the same numbers as eager up to the order of a few sums
+    # FSDP: each block's forward compiled before fully_shard (FSDP's hooks outside the graphs); DDP: the DDP
+    # module compiled (graphs split at its buckets). aot_eager traces forward and backward as inductor does,
+    # but runs torch's own kernels: no C compiler needed, and the same numbers as eager up to the order of a
+    # few sums
     run = dict(TOK_RUN, size="toy-2d", max_steps=2, checkpointing="true")
     with tempfile.TemporaryDirectory() as d:
         for mode in ("fsdp", "ddp"):
             for compiled in (False, True):
-                _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(), compile=str(compiled).lower(),
-                          out_dir=os.path.join(d, f"{mode}-{compiled}"), env=dict(TEST_COMPILE_BACKEND="aot_eager"))
+                _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(),
+                          compile=str(compiled).lower(), out_dir=os.path.join(d, f"{mode}-{compiled}"),
+                          env=dict(TEST_COMPILE_BACKEND="aot_eager"))
             eager, compiled = _ckpt(os.path.join(d, f"{mode}-False")), _ckpt(os.path.join(d, f"{mode}-True"))
             diff = _max_diff(eager["model"], compiled["model"])
             assert compiled["step"] == 2 and diff <= 1e-6, (mode, diff)
@@ -2330,12 +2383,14 @@ def test_fsdp_ar_two_processes_with_accumulation_equal_one():
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
         tok_path, code_dir = _tiny_code_cache(d)
-        flags = dict(tokenizer=tok_path, code_dir=code_dir, gpt="test-exact", per_class=0, batch_size=12, max_steps=3,
-                     warmup=0, lr=1e-4, eval_interval=1000, log_interval=1000)
+        flags = dict(tokenizer=tok_path, code_dir=code_dir, gpt="test-exact", per_class=0, batch_size=12,
+                     max_steps=3, warmup=0, lr=1e-4, eval_interval=1000, log_interval=1000)
         train_ar.main(train_ar.ARConfig(**flags, out_dir=os.path.join(d, "one")))
-        # and two micro-steps of 3 sequences each: the gradients are reduce-scattered after the second only; the
-        # 8 held-out sequences make 2 batches of 3 for one process, 1 for the other (which must run a stand-in)
-        _torchrun("train_ar", **flags, fsdp="true", checkpointing="true", grad_accum=2, out_dir=os.path.join(d, "fsdp"))
+        # and two micro-steps of 3 sequences each: the gradients are reduce-scattered after the second only;
+        # the 8 held-out sequences make 2 batches of 3 for one process, 1 for the other (which must run a
+        # stand-in)
+        _torchrun("train_ar", **flags, fsdp="true", checkpointing="true", grad_accum=2,
+                  out_dir=os.path.join(d, "fsdp"))
         one, fsdp = _ckpt(os.path.join(d, "one")), _ckpt(os.path.join(d, "fsdp"))
         diff = _max_diff(one["model"], fsdp["model"])
         assert diff <= 1e-5 and _max_diff(one["optimizer"], fsdp["optimizer"]) <= 1e-6, diff
@@ -2365,20 +2420,23 @@ def _saved_bytes(net, loss_of):
 def test_activation_checkpointing_same_gradients_and_state_dict_names():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     codes, labels = torch.randint(0, 64, (2, 16)), torch.tensor([1, 2])
-    torch.manual_seed(0)  # a 1D and a 2D tokenizer (official init: every branch live), and a GPT with dropout on
-    nets = [(Tokenizer(toy_cfg(image_size=32, num_latent_tokens=16, codebook_size=64, teacher_dim=16, dropout=0.1)),
-             lambda t: (lambda r, a: F.mse_loss(r, x) + a["codebook"] + a["sem_feat"].square().mean())(*t(x))),
+    # a 1D and a 2D tokenizer (official init: every branch live), and a GPT with dropout on
+    torch.manual_seed(0)
+    nets = [(Tokenizer(toy_cfg(image_size=32, num_latent_tokens=16, codebook_size=64, teacher_dim=16,
+                               dropout=0.1)),
+             lambda t: (lambda r, a: F.mse_loss(r, x) + a["codebook"]
+                        + a["sem_feat"].square().mean())(*t(x))),
             (Tokenizer(toy_cfg(image_size=32, kind="2d", layer_type="vit", codebook_size=64, teacher_dim=0)),
              lambda t: F.mse_loss(t(x)[0], x)),
-            (GPT(dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, vocab_size=64, block_size=16, num_classes=4,
-                                     token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)),
+            (GPT(dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, vocab_size=64, block_size=16,
+                                     num_classes=4, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)),
              lambda g: F.cross_entropy(g(codes, labels).flatten(0, 1), codes.flatten()))]
     for net, loss_of in nets:
         names, kept = list(net.state_dict()), _saved_bytes(net, loss_of)
         plain = _grads(net, loss_of)
         runtime.checkpoint_blocks(net)
-        assert list(net.state_dict()) == names                          # a checkpoint made with it loads without it
-        assert _saved_bytes(net, loss_of) < 0.7 * kept                  # the blocks' insides are not kept
+        assert list(net.state_dict()) == names  # a checkpoint made with it loads without it
+        assert _saved_bytes(net, loss_of) < 0.7 * kept  # the blocks' insides are not kept
         again = _grads(net, loss_of)
         assert plain.keys() == again.keys() and len(plain) > 10
         diff = max((plain[k] - again[k]).abs().max().item() for k in plain)
@@ -2393,13 +2451,14 @@ sys.path.insert(0, sys.argv[1])
 import model, runtime, train_tokenizer
 torch.manual_seed(0); torch.set_num_threads(1)
 micro, checkpointing = int(sys.argv[2]), sys.argv[3] == "1"
-tok, disc, lpips = model.Tokenizer(model.TOKENIZER_PRESETS["toy"]), model.PatchDiscriminator(), model.LPIPS().train()
+tok, disc, lpips = (model.Tokenizer(model.TOKENIZER_PRESETS["toy"]), model.PatchDiscriminator(),
+                    model.LPIPS().train())
 if checkpointing:
     runtime.checkpoint_blocks(tok)
 x = torch.rand(micro, 3, 64, 64) * 2 - 1
 step = lambda: sum(train_tokenizer.loss_terms(tok, x, None, lpips, disc, True, True, True)[0].values())
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-step().backward()                      # the gradients exist from here on (zeroed, kept), as in a training loop
+step().backward()  # the gradients exist from here on (zeroed, kept), as in a training loop
 for m in (tok, disc, lpips):
     m.zero_grad(set_to_none=False)
 before = rss()
@@ -2414,14 +2473,17 @@ def _plan_numbers(line):
     """{what: bytes} of a plan's printed line (runtime.describe_plan), with "total"."""
     head, body = line.split("): ", 1)
     unit = 2 ** 30 if head.endswith("GiB") else 2 ** 20
-    n = {k: float(v) * unit for k, v in re.findall(r"(?:^|, )([A-Za-z][\w .]*?(?: \([^)]*\))?) ([\d.]+)(?=[,;])", body)}
+    # "name (detail) 1.23" items, separated by ", " and ended by "," or ";"
+    n = {k: float(v) * unit
+         for k, v in re.findall(r"(?:^|, )([A-Za-z][\w .]*?(?: \([^)]*\))?) ([\d.]+)(?=[,;])", body)}
     n["total"] = float(re.search(r"; total ([\d.]+)", body).group(1)) * unit
     return n
 
 
 def test_memory_plan_activations_match_a_measured_cpu_peak():
-    # the plan's activations (counted on fake tensors) against the peak memory of a real forward and backward on
-    # this CPU, measured by the kernel (VmHWM) in a fresh process whose allocator returns freed memory at once;
+    # the plan's activations (counted on fake tensors) against the peak memory of a real forward and backward
+    # on this CPU, measured by the kernel (VmHWM) in a fresh process whose allocator returns freed memory at
+    # once;
     # toy, 8 images, the GAN and the shortcut on, with and without activation checkpointing
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     for checkpointing in (False, True):
@@ -2438,8 +2500,9 @@ def test_memory_plan_activations_match_a_measured_cpu_peak():
 def test_plan_flag_prints_the_xl_xxl_plan_without_building_it():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = train_tokenizer.main(train_tokenizer.TrainConfig(size="xl-xxl", fsdp=True, checkpointing=True,
-                                                                  batch_size=128, plan=True, plan_world=8))
+        result = train_tokenizer.main(train_tokenizer.TrainConfig(size="xl-xxl", fsdp=True,
+                                                                  checkpointing=True, batch_size=128,
+                                                                  plan=True, plan_world=8))
     assert result == dict(plan=True)  # returned before any process group, dataset or model
     line = out.getvalue().strip()
     assert "FSDP over 8, bf16" in line, line
@@ -2447,7 +2510,7 @@ def test_plan_flag_prints_the_xl_xxl_plan_without_building_it():
     gib = 2 ** 30 / 100  # the printed figures are rounded to 0.01 GiB
     assert abs(n["parameters (fp32)"] - 4 * 2893.97e6 / 8) <= gib  # 1/8 of the fp32 weights
     assert abs(n["AdamW moments (fp32)"] - 2 * n["parameters (fp32)"]) <= 2 * gib
-    # the issue's goal: 16 images per GPU in at most 60 GB, with FSDP over 8 and checkpointing
+    # the goal: 16 images per GPU in at most 60 GB, with FSDP over 8 and checkpointing
     assert n["total"] <= 60e9 and n["activations (16 per micro-batch, checkpointed)"] > 2 ** 30, line
 
 
@@ -2464,31 +2527,35 @@ def test_ar_plan_checkpointing_keeps_less_and_ddp_keeps_everything_whole():
 
 
 def test_code_cache_written_by_two_processes_or_with_loading_workers_equals_one():
-    # each process encodes a contiguous block of the images into its own part files (processes on different nodes
-    # never write into the same file pages), rank 0 joins them: the same files as one process writes, no parts left;
-    # and one process whose images two loading workers read writes the same files too
+    # each process encodes a contiguous block of the images into its own part files (processes on different
+    # nodes never write into the same file pages), rank 0 joins them: the same files as one process writes,
+    # no parts left; and one process whose images two loading workers read writes the same files too
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
         tok_path = _tiny_tokenizer_checkpoint(d)
         flags = dict(tokenizer=tok_path, gpt="test-exact", num_classes=2, per_class=3, max_steps=0)
-        train_ar.main(train_ar.ARConfig(**flags, code_dir=os.path.join(d, "one"), out_dir=os.path.join(d, "ar1")))
+        train_ar.main(train_ar.ARConfig(**flags, code_dir=os.path.join(d, "one"),
+                                        out_dir=os.path.join(d, "ar1")))
         _torchrun("train_ar", **flags, code_dir=os.path.join(d, "two"), out_dir=os.path.join(d, "ar2"))
         train_ar.main(train_ar.ARConfig(**flags, num_workers=2, code_dir=os.path.join(d, "workers"),
                                         out_dir=os.path.join(d, "ar3")))
         for split in ("train", "val"):
             for name in ("codes.npy", "labels.npy"):
                 a, b, c = (np.load(os.path.join(d, w, split, name)) for w in ("one", "two", "workers"))
-                assert a.dtype == b.dtype == c.dtype and np.array_equal(a, b) and np.array_equal(a, c), (split, name)
-            assert sorted(os.listdir(os.path.join(d, "two", split))) == ["codes.npy", "labels.npy", "meta.json"]
+                assert (a.dtype == b.dtype == c.dtype and np.array_equal(a, b)
+                        and np.array_equal(a, c)), (split, name)
+            assert sorted(os.listdir(os.path.join(d, "two", split))) == ["codes.npy", "labels.npy",
+                                                                        "meta.json"]
 
 
-# ---- the GPU check: on a machine with CUDA, `python test_all.py` runs these too (skipped and counted elsewhere) ----
+# ---- the GPU check: with CUDA, `python test_all.py` runs these too (skipped and counted elsewhere) ----
 
 def _on_cuda(main, config, flags):
     """main(config from flags) on CUDA, its stdout captured -> (result, printed text)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        result = main(runtime.parse_config(config, [f"--{k}={v}" for k, v in {**flags, "device": "cuda"}.items()]))
+        result = main(runtime.parse_config(
+            config, [f"--{k}={v}" for k, v in {**flags, "device": "cuda"}.items()]))
     return result, buf.getvalue()
 
 
@@ -2496,14 +2563,16 @@ def test_cuda_tokenizer_and_gpt_steps_at_bf16_with_fused_adamw():
     _needs(cuda_devices=1)
     _register_tiny_ar()
     with tempfile.TemporaryDirectory() as d:
+        # --precision auto
         result, out = _on_cuda(train_tokenizer.main, train_tokenizer.TrainConfig(),
-                               dict(TOK_RUN, eval_images=16, out_dir=os.path.join(d, "tok")))  # --precision auto
+                               dict(TOK_RUN, eval_images=16, out_dir=os.path.join(d, "tok")))
         assert "device cuda" in out and ", bf16" in out and "measured after the first step" in out, out
         assert result["step"] == 3 and math.isfinite(result["val_psnr"]) and result["val_psnr"] > 5, result
         tok_path, code_dir = _tiny_code_cache(d)
         result, out = _on_cuda(train_ar.main, train_ar.ARConfig(), dict(
-            tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", out_dir=os.path.join(d, "ar"), batch_size=16,
-            max_steps=20, warmup=2, lr=3e-3, eval_interval=1000, log_interval=1000, ckpt_interval=1000))
+            tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", out_dir=os.path.join(d, "ar"),
+            batch_size=16, max_steps=20, warmup=2, lr=3e-3, eval_interval=1000, log_interval=1000,
+            ckpt_interval=1000))
         assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(64), result
     opt = runtime.adamw(torch.nn.Linear(2, 2).cuda().parameters(), train_tokenizer.TrainConfig(lr=1e-4),
                         torch.device("cuda"), "bf16")[0]
@@ -2520,7 +2589,8 @@ def test_cuda_fsdp_and_ddp_over_nccl_agree():
     run = dict(TOK_RUN, size="toy-2d", precision="fp32", device="cuda")  # fp32 (TF32 on, as the trainers run)
     with tempfile.TemporaryDirectory() as d:
         for mode in ("fsdp", "ddp"):
-            _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(), out_dir=os.path.join(d, mode))
+            _torchrun("train_tokenizer", **run, fsdp=str(mode == "fsdp").lower(),
+                      out_dir=os.path.join(d, mode))
         fsdp, ddp = _ckpt(os.path.join(d, "fsdp")), _ckpt(os.path.join(d, "ddp"))
         assert fsdp["step"] == ddp["step"] == 3
         diff = _max_diff(fsdp["model"], ddp["model"])
@@ -2533,7 +2603,8 @@ def test_cuda_sampling_is_seeded_and_the_cache_changes_nothing():
     draw = lambda **kw: sample.generate(gpt, labels, cfg_scale=2.0, top_k=8, generator=torch.Generator("cuda")
                                         .manual_seed(7), **kw)
     a, b = draw(), draw()
-    assert a.shape == (4, 12) and a.device.type == "cuda" and torch.equal(a, b) and 0 <= a.min() <= a.max() < 40
+    assert (a.shape == (4, 12) and a.device.type == "cuda" and torch.equal(a, b)
+            and 0 <= a.min() <= a.max() < 40)
     assert torch.equal(draw(temperature=0), draw(temperature=0, kv_cache=False))  # fp32: greedy is exact
 
 
@@ -2542,8 +2613,8 @@ def test_cuda_memory_plan_against_the_measured_peak_of_one_step():
     _needs(cuda_devices=1)
     with tempfile.TemporaryDirectory() as d:
         _, out = _on_cuda(train_tokenizer.main, train_tokenizer.TrainConfig(), dict(
-            size="s-s", data="synthetic", batch_size=8, max_steps=1, semantic_weight=0, perceptual_weight=0, eval_images=2,
-            image_interval=10 ** 6, out_dir=d))
+            size="s-s", data="synthetic", batch_size=8, max_steps=1, semantic_weight=0, perceptual_weight=0,
+            eval_images=2, image_interval=10 ** 6, out_dir=d))
     planned = float(re.search(r"; total ([\d.]+) GiB", out).group(1))
     measured = float(re.search(r"measured after the first step: peak ([\d.]+) GiB", out).group(1))
     print(f"plan {planned:.2f} GiB, measured peak {measured:.2f} GiB")
@@ -2555,8 +2626,8 @@ def test_cuda_bench_prints_the_mfu():
     import bench
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        bench.main(bench.BenchConfig(device="cuda", precision="bf16", peak_tflops=989.0, steps=2, batch_size=4,
-                                     ar_batch_size=4, samples=2))
+        bench.main(bench.BenchConfig(device="cuda", precision="bf16", peak_tflops=989.0, steps=2,
+                                     batch_size=4, ar_batch_size=4, samples=2))
     assert "MFU" in buf.getvalue(), buf.getvalue()
 
 
@@ -2589,7 +2660,8 @@ def _run(pattern=""):
         except unittest.SkipTest as e:  # a test for a device this machine lacks (see _needs)
             skipped += 1
             print(f"skip  {name}: {e}", flush=True)
-        except (Exception, SystemExit):  # SystemExit too: a runtime.UserError that escapes fails its test, not the run
+        # SystemExit too: a runtime.UserError that escapes fails its test, not the run
+        except (Exception, SystemExit):
             failed += 1
             print(f"FAIL  {name} ({time.time() - t0:.1f}s)", flush=True)
             traceback.print_exc()
