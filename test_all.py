@@ -24,9 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# threads: OMP_NUM_THREADS when it is set (torch reads it), else the cores this process may run on (taskset), at most 4
+# threads: OMP_NUM_THREADS when it is set (torch reads it), else the cores this process may run on
+# (taskset), at most 4
 if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else os.cpu_count() or 1)))
 
 
 import data
@@ -53,14 +55,14 @@ def _needs(cuda_devices=0, native_bf16=False):
 # ---- model.py / quantizer.py ----
 
 def toy_cfg(**kw):
-    """The 2D toy's numbers (CNN width 32, 64 tokens) in the official form (1D Q-Former, 32 groups, official init)
-    unless kw says otherwise."""
+    """The 2D toy's numbers (CNN width 32, 64 tokens) in the official form (1D Q-Former, 32 groups,
+    official init) unless kw says otherwise."""
     official = dict(kind="1d", layer_type="detr", norm_groups=32, init="official", query_init_2d="token0")
     return dataclasses.replace(TOKENIZER_PRESETS["toy-2d"], **{**official, **kw})
 
 
 def test_tokenizer_param_counts_match_official():
-    # exact totals of the official modules (semantic MLP included, as the paper counts; spec 1.9)
+    # exact totals of the official modules (semantic MLP included, as the paper's Table 9 counts)
     official = {"s-s": 136_073_227, "s-b": 232_399_627, "s-l": 532_850_000, "b-l": 621_637_131,
                 "xl-xxl": 2_893_970_443, "s-s-2d": 135_548_427, "s-b-2d": 197_132_555, "b-l-2d": 491_410_187}
     assert set(official) | {"toy", "toy-2d"} == set(TOKENIZER_PRESETS)
@@ -85,7 +87,8 @@ def test_gpt_param_counts_match_official():
 def test_tokenizer_shapes_at_several_sizes_and_token_counts():
     torch.manual_seed(0)
     cases = [dict(), dict(num_latent_tokens=32), dict(image_size=32, num_latent_tokens=16),
-             dict(image_size=96, num_latent_tokens=16), dict(image_size=128, num_latent_tokens=128), dict(kind="2d"), dict(kind="2d", layer_type="vit", image_size=32)]
+             dict(image_size=96, num_latent_tokens=16), dict(image_size=128, num_latent_tokens=128),
+             dict(kind="2d"), dict(kind="2d", layer_type="vit", image_size=32)]
     for kw in cases:
         cfg = toy_cfg(**kw)
         tok = Tokenizer(cfg)
@@ -133,7 +136,8 @@ def _code_choice_at_low_precision(device):
     under a bf16 autocast, and on CUDA with TF32 on too (as the trainers run): the code choice is float32."""
     torch.manual_seed(0)
     tok = Tokenizer(toy_cfg(codebook_size=16384)).to(device)
-    h = torch.randn(32, tok.cfg.num_tokens, tok.cfg.z_channels, device=device)  # stand-in features (32, 64, z)
+    # stand-in features (32, 64, z)
+    h = torch.randn(32, tok.cfg.num_tokens, tok.cfg.z_channels, device=device)
     class Features(torch.nn.Module):                                   # the tokenizer's input: h, whatever x
         def forward(self, s):
             return h
@@ -163,11 +167,12 @@ def test_code_choice_is_float32_under_a_bf16_autocast():
 
 
 def test_quantizer_searches_in_blocks_with_the_same_codes():
-    # without the entropy loss the nearest code is found a block of rows at a time (memory); with it, over the whole
-    # (tokens, codes) matrix, which the entropy loss needs
+    # without the entropy loss the nearest code is found a block of rows at a time (memory); with it, over
+    # the whole (tokens, codes) matrix, which the entropy loss needs
     torch.manual_seed(0)
     z = torch.randn(3, 50, 8)                                         # 150 tokens
-    vq = quantizer.VectorQuantizer(300, 8, search_elements=300 * 7)   # 7 rows a block: 22 blocks, the last short
+    # 7 rows a block: 22 blocks, the last short
+    vq = quantizer.VectorQuantizer(300, 8, search_elements=300 * 7)
     assert vq.search_rows == 7
     codes_eval = vq.eval()(z)[1]
     codes_whole = vq.train()(z, entropy=True)[1]
@@ -209,7 +214,8 @@ def test_quantizer_losses_equal_direct_computation():
     sample_h = -(p * np.log(p + 1e-300)).sum(1).mean()
     avg = p.mean(0)
     expected = sample_h - (-(avg * np.log(avg + 1e-5)).sum())
-    assert abs(losses["entropy"].item() - expected) < 1e-4 * max(1, abs(expected)), (losses["entropy"], expected)
+    assert abs(losses["entropy"].item() - expected) < 1e-4 * max(1, abs(expected)), \
+        (losses["entropy"], expected)
     assert vq(z)[2]["entropy"] == 0                      # not computed when its weight is zero
 
 
@@ -288,8 +294,9 @@ def test_official_init_scheme():
 
 
 def test_identity_init_starts_every_residual_branch_at_zero():
-    # the toy's init (ours): each ResnetBlock and transformer layer passes its input through unchanged, the
-    # adaptive GroupNorm has scale ~1, and each Upsample starts as nearest-neighbour (2x2 blocks of equal pixels)
+    # the toy's init (ours): each ResnetBlock and transformer layer passes its input through unchanged,
+    # the adaptive GroupNorm has scale ~1, and each Upsample starts as nearest-neighbour (2x2 blocks of
+    # equal pixels)
     torch.manual_seed(0)
     for kind, layer_type in [("2d", "vit"), ("1d", "detr")]:
         tok = Tokenizer(toy_cfg(kind=kind, layer_type=layer_type, norm_groups=8, init="identity")).eval()
@@ -300,7 +307,8 @@ def test_identity_init_starts_every_residual_branch_at_zero():
                 assert torch.equal(block(h), block.nin_shortcut(h))
             t = torch.randn(2, 64, 128)
             layer = tok.encoder.layers[0]
-            out = layer(t) if layer_type == "vit" else layer(t, torch.randn(2, 64, 128), torch.randn(64, 128), 0)
+            out = (layer(t) if layer_type == "vit"
+                   else layer(t, torch.randn(2, 64, 128), torch.randn(64, 128), 0))
             assert torch.equal(out, t)
             up = tok.cnn_decoder.up[0].upsample(h)
             assert up.shape == (2, 128, 16, 16) and up.std() > 0
@@ -310,24 +318,29 @@ def test_identity_init_starts_every_residual_branch_at_zero():
 
 
 def test_decoder_2d_query_inits():
-    # multi_level_unpool inverts multi_level_pool: a map constant on the finest pooling blocks comes back unchanged
-    # ("last"), and "all" is the mean over levels; the decoder's "token0" (official) and "last_level" add no
-    # parameter, "learnable" adds decoder.q_2d only; with the identity init the untrained 1D toy already passes the
-    # image's layout through (its decoder output is not the same at every grid cell)
+    # multi_level_unpool inverts multi_level_pool: a map constant on the finest pooling blocks comes back
+    # unchanged ("last"), and "all" is the mean over levels. The decoder's "token0" (official) and
+    # "last_level" add no parameter, "learnable" adds decoder.q_2d only. With the identity init the untrained
+    # 1D toy already passes the image's layout through (its decoder output is not the same at every grid
+    # cell).
     torch.manual_seed(0)
-    fine = F.interpolate(torch.randn(2, 5, 4, 8), size=(8, 8), mode="nearest")     # 64 tokens: finest blocks 4x8
+    # 64 tokens: finest blocks 4x8
+    fine = F.interpolate(torch.randn(2, 5, 4, 8), size=(8, 8), mode="nearest")
     back = model.multi_level_unpool(model.multi_level_pool(fine, 64), 8, "last")
     assert torch.allclose(back.transpose(1, 2).reshape(2, 5, 8, 8), fine, atol=1e-6)
     const = torch.randn(2, 1, 5).expand(2, 64, 5)
     assert torch.allclose(model.multi_level_unpool(const, 8, "all"), const, atol=1e-6)
-    names = {m: set(Tokenizer(toy_cfg(query_init_2d=m)).state_dict()) for m in ("token0", "last_level", "learnable")}
+    names = {m: set(Tokenizer(toy_cfg(query_init_2d=m)).state_dict())
+             for m in ("token0", "last_level", "learnable")}
     assert names["token0"] == names["last_level"] and names["learnable"] - names["token0"] == {"decoder.q_2d"}
     tok = Tokenizer(TOKENIZER_PRESETS["toy"]).eval()
     assert tok.cfg.kind == "1d" and tok.cfg.query_init_2d == "last_level"
     with torch.no_grad():
-        spatial = tok.decoder(tok.post_quant_conv(tok.quant_conv(tok.encoder(tok.cnn_encoder(torch.rand(1, 3, 64, 64))))))[0]
+        spatial = tok.decoder(tok.post_quant_conv(tok.quant_conv(
+            tok.encoder(tok.cnn_encoder(torch.rand(1, 3, 64, 64))))))[0]
     assert spatial.flatten(2).std(-1).mean() > 1e-3
-    learnable = Tokenizer(toy_cfg(query_init_2d="learnable")).eval()       # an official checkpoint with q_2d loads
+    # an official checkpoint with q_2d loads
+    learnable = Tokenizer(toy_cfg(query_init_2d="learnable")).eval()
     loaded = model.load_tokenizer(_official_checkpoint(_official_tokenizer_state(learnable)))
     assert loaded.cfg.query_init_2d == "learnable"
     _assert_same_tokenizer(learnable, loaded, 64)
@@ -362,8 +375,10 @@ def test_gpt_class_dropout_rate():
 # ---- model.py: checkpoint loading (load_tokenizer / load_gpt) ----
 
 def _official_name(name, kind):
-    """Our tokenizer tensor name -> the official GigaTok one (spec 4.3). Written here independently of the
-    loader's rule table, so that a wrong rule there shows up as a failed round trip."""
+    """Our tokenizer tensor name -> the official GigaTok one (the state-dict names of
+    `tokenizer/tokenizer_image/vq/vq_vit_model.py` and `tokenizer/tokenizer_image/vq/blocks.py`). Written
+    here independently of the loader's rule table, so that a wrong rule there shows up as a failed round
+    trip."""
     p = name.split(".")
     if p[0] == "cnn_encoder":                          # encoder.conv_blocks.{i}.res / .downsample
         p[0] = "encoder"
@@ -396,8 +411,8 @@ def _official_name(name, kind):
 
 
 def _official_tokenizer_state(tok):
-    """Our weights in the official names and layouts: (L, 1, C) position tables, 1x1 convs for the projections,
-    plus the codebook-usage buffer the official quantizer keeps."""
+    """Our weights in the official names and layouts: (L, 1, C) position tables, 1x1 convs for the
+    projections, plus the codebook-usage buffer the official quantizer keeps."""
     out = {}
     for name, t in tok.state_dict().items():
         official = _official_name(name, tok.cfg.kind)
@@ -412,7 +427,9 @@ def _official_tokenizer_state(tok):
 
 def _official_checkpoint(state, **extra):  # what the official trainers save around the weights
     return dict(model=state, args=argparse.Namespace(lr=1e-4, ema=False), steps=10,
-                optimizer={"state": {}, "param_groups": []}, discriminator={"main.0.weight": torch.zeros(2)}, **extra)
+                optimizer={"state": {}, "param_groups": []},
+                discriminator={"main.0.weight": torch.zeros(2)}, **extra)
+
 
 
 def _assert_same_tokenizer(a, b, size):
@@ -500,11 +517,13 @@ def test_load_official_gpt_round_trip_and_errors():
     with torch.no_grad():
         assert torch.equal(gpt(codes, labels), loaded(codes, labels))
     cfg = dataclasses.replace(gpt.cfg, class_dropout=0.2)             # not visible in the shapes
-    ours = model.load_gpt({"config": {"gpt": dataclasses.asdict(cfg), "train": {"lr": 1e-3}}, "model": gpt.state_dict()})
+    ours = model.load_gpt({"config": {"gpt": dataclasses.asdict(cfg), "train": {"lr": 1e-3}},
+                           "model": gpt.state_dict()})
     assert ours.cfg == cfg
     with torch.no_grad():
         assert torch.equal(gpt(codes, labels), ours(codes, labels))
-    for name, tensor in [("layers.2.attention.wqkv.weight", None), ("layers.0.feed_forward.w2.weight", torch.zeros(3, 3))]:
+    for name, tensor in [("layers.2.attention.wqkv.weight", None),
+                         ("layers.0.feed_forward.w2.weight", torch.zeros(3, 3))]:
         try:
             model.load_gpt({"model": _with_tensor(state, name, tensor)})
         except ValueError as e:
@@ -518,7 +537,8 @@ def test_load_official_gpt_round_trip_and_errors():
 # Pixel-metric inputs: numpy's legacy RandomState streams (fixed forever by numpy's compatibility policy).
 # The pinned values were computed by scikit-image 0.26.0 (numpy 2.4.6) in a throwaway venv:
 #   structural_similarity(a[i], b[i], channel_axis=-1, data_range=255), peak_signal_noise_ratio(a[i], b[i])
-# and for the smooth pair structural_similarity(c, d, channel_axis=-1, data_range=255), peak_signal_noise_ratio(c, d).
+# and for the smooth pair
+#   structural_similarity(c, d, channel_axis=-1, data_range=255), peak_signal_noise_ratio(c, d).
 SKIMAGE_SSIM = [0.951347405594721, 0.9518577889783452, -0.9792334555345645]
 SKIMAGE_PSNR = [21.139461109853933, 21.126845630510026, 4.622614700460687]
 SKIMAGE_SMOOTH = (0.922857673534757, 18.82325216556331)
@@ -530,7 +550,9 @@ def _pixel_metric_inputs():
     b = np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8)
     b[2] = 255 - a[2]                                        # a pair with negative SSIM
     yy, xx = np.mgrid[0:32, 0:40]
-    c = np.stack([127.5 + 120 * np.sin(xx / (3 + k) + yy / (5 - k)) for k in range(3)], -1).round().astype(np.uint8)
+    c = np.stack([127.5 + 120 * np.sin(xx / (3 + k) + yy / (5 - k)) for k in range(3)],
+                 -1).round().astype(np.uint8)
+
     return a, b, c, np.roll(c, 1, axis=1)                    # smooth image and its 1-pixel shift
 
 
@@ -538,8 +560,10 @@ def test_ssim_psnr_match_scikit_image():
     a, b, c, d = _pixel_metric_inputs()
     assert np.allclose(evaluate.ssim(a, b), SKIMAGE_SSIM, rtol=0, atol=1e-4)
     assert np.allclose(evaluate.psnr(a, b), SKIMAGE_PSNR, rtol=0, atol=1e-4)
-    assert abs(evaluate.ssim(c, d) - SKIMAGE_SMOOTH[0]) < 1e-4 and abs(evaluate.psnr(c, d) - SKIMAGE_SMOOTH[1]) < 1e-4
-    assert isinstance(evaluate.ssim(a[0], b[0]), float) and abs(evaluate.ssim(a[0], b[0]) - SKIMAGE_SSIM[0]) < 1e-4
+    assert (abs(evaluate.ssim(c, d) - SKIMAGE_SMOOTH[0]) < 1e-4
+            and abs(evaluate.psnr(c, d) - SKIMAGE_SMOOTH[1]) < 1e-4)
+    assert (isinstance(evaluate.ssim(a[0], b[0]), float)
+            and abs(evaluate.ssim(a[0], b[0]) - SKIMAGE_SSIM[0]) < 1e-4)
     assert evaluate.ssim(a[0], a[0]) == 1.0 and evaluate.psnr(a[0], a[0]) == float("inf")
     x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 1.5]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
     assert evaluate.to_uint8(x)[0, 0, :, 0].tolist() == [0, 64, 128, 255, 255, 255]  # clamp(127.5 x + 128)
@@ -567,7 +591,8 @@ def test_frechet_distance_closed_forms():
 def test_frechet_distance_matches_scipy_sqrtm_reference():
     # values from pytorch-fid 0.3.0's calculate_frechet_distance (scipy 1.17.1 linalg.sqrtm) on these inputs,
     # computed in a throwaway venv; the last case has N < D (singular covariances, as with few images)
-    pinned = {(500, 16, 0): 96.28564153946587, (300, 64, 1): 2059.6766017565105, (20, 32, 2): 871.5328835264435}
+    pinned = {(500, 16, 0): 96.28564153946587, (300, 64, 1): 2059.6766017565105,
+              (20, 32, 2): 871.5328835264435}
     for (n, d, seed), ref in pinned.items():
         rs = np.random.RandomState(seed)
         x = rs.randn(n, d) @ rs.randn(d, d)
@@ -596,13 +621,15 @@ def test_precision_recall_identical_and_disjoint_sets():
 
 
 def test_ar_linear_probe_above_chance_on_a_toy_ar_model():
-    # codes of 4 classes (half of each image's codes from its class's own quarter of the vocabulary), a tiny GPT
-    # trained on them in-process, then the official probe protocol: null class, layer n/2, mean over positions
+    # codes of 4 classes (half of each image's codes from its class's own quarter of the vocabulary), a tiny
+    # GPT trained on them in-process, then the official probe protocol
+    # (`autoregressive/lin_probe/lin_probe.py`): null class, layer n/2, mean over positions
     def class_codes(n, seed, classes=4, vocab=32, N=16):
         g = torch.Generator().manual_seed(seed)
         y = torch.arange(n) % classes
         own = y[:, None] * (vocab // classes) + torch.randint(vocab // classes, (n, N), generator=g)
-        return torch.where(torch.rand(n, N, generator=g) < 0.5, own, torch.randint(vocab, (n, N), generator=g)), y
+        return torch.where(torch.rand(n, N, generator=g) < 0.5, own,
+                           torch.randint(vocab, (n, N), generator=g)), y
     (x, y), (vx, vy) = class_codes(400, 0), class_codes(200, 1)
     torch.manual_seed(0)
     gpt = GPT(model.GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, dim=32, num_classes=4))
@@ -631,23 +658,27 @@ def test_generation_report_reads_npz_and_folders_and_adm_reference_stats():
     with tempfile.TemporaryDirectory() as d:
         np.savez(os.path.join(d, "samples.npz"), arr_0=imgs, labels=np.arange(6))    # sample.py's format
         os.makedirs(os.path.join(d, "ref", "sub"))
-        for i, im in enumerate(imgs):                                                 # the same, as nested PNGs
+        # the same, as nested PNGs
+        for i, im in enumerate(imgs):
             Image.fromarray(im).save(os.path.join(d, "ref", "sub" if i % 2 else "", f"{i:03d}.png"))
-        npz, folder = evaluate.ImageSet(os.path.join(d, "samples.npz")), evaluate.ImageSet(os.path.join(d, "ref"))
+        npz, folder = (evaluate.ImageSet(os.path.join(d, "samples.npz")),
+                       evaluate.ImageSet(os.path.join(d, "ref")))
         assert len(npz) == len(folder) == 6 and (npz.rows(2, 5) == imgs[2:5]).all()
         samples, ref = os.path.join(d, "samples.npz"), os.path.join(d, "ref")
         out = evaluate.generation_report(samples, ref, cfg, "cpu", 0, 1, net, d)
         assert abs(out["gfid"]) < 1e-3 and out["precision"] == out["recall"] == 1.0, out  # float32 features
         cache = os.path.join(d, "ref-ref-inception.npz")                              # reusable as --ref
         assert set(np.load(cache).files) == {"mu", "sigma", "pool"}
-        # ADM's reference-batch layout: images (arr_0) + stored statistics. The stored mu / sigma win; the pool
-        # features for precision / recall come from the images
+        # ADM's reference-batch layout: images (arr_0) + stored statistics. The stored mu / sigma win; the
+        # pool features for precision / recall come from the images
         pool = np.load(cache)["pool"]
         mu, sigma = evaluate.feature_stats(pool[:4])
         np.savez(os.path.join(d, "adm.npz"), arr_0=imgs, mu=mu, sigma=sigma)
-        stats = evaluate.reference_stats(os.path.join(d, "adm.npz"), net, 4, "cpu", 0, 1, os.path.join(d, "c.npz"))
+        stats = evaluate.reference_stats(os.path.join(d, "adm.npz"), net, 4, "cpu", 0, 1,
+                                         os.path.join(d, "c.npz"))
         assert np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
-        assert stats["pool"].shape == (6, 2048) and np.allclose(np.sort(stats["pool"], 0), np.sort(pool, 0), atol=1e-4)
+        assert (stats["pool"].shape == (6, 2048)
+                and np.allclose(np.sort(stats["pool"], 0), np.sort(pool, 0), atol=1e-4))
 
 
 def test_reconstruction_report_equals_direct_computation():
@@ -661,7 +692,8 @@ def test_reconstruction_report_equals_direct_computation():
                                              evaluate.InceptionV3(), lpips, d)
         assert os.path.exists(out["grid"])
         assert os.path.exists(evaluate.pca_picture(tok, x[:3], os.path.join(d, "pca.png")))
-    with torch.no_grad():  # in the report's batches of 4: a conv's last bits depend on the batch (and threads)
+    # in the report's batches of 4: a conv's last bits depend on the batch (and threads)
+    with torch.no_grad():
         codes = torch.cat([tok.encode(xb) for xb in x.split(4)])
         recon = torch.cat([tok.decode(c) for c in codes.split(4)])
         o8, r8 = evaluate.to_uint8(x), evaluate.to_uint8(recon)
@@ -672,22 +704,23 @@ def test_reconstruction_report_equals_direct_computation():
     assert out["images"] == 6 and math.isfinite(out["rfid"])
     # two loading processes: the same images in the same order, so the same report
     with tempfile.TemporaryDirectory() as d:
-        loaded = evaluate.reconstruction_report(tok, data, evaluate.EvalConfig(batch_size=4, num_workers=2), "cpu", 0, 1,
-                                                out_dir=d)
+        loaded = evaluate.reconstruction_report(tok, data, evaluate.EvalConfig(batch_size=4, num_workers=2),
+                                                "cpu", 0, 1, out_dir=d)
+
     assert all(loaded[k] == out[k] for k in ("psnr", "ssim", "codes_used", "images")), (loaded, out)
 
 
 def test_evaluate_main_reconstruction_without_inception_weights():
-    # the whole script in-process on a random toy tokenizer: the Inception weights are absent, so FID is skipped
-    # with a note and the other metrics are still computed and written
+    # the whole script in-process on a random toy tokenizer: the Inception weights are absent, so FID is
+    # skipped with a note and the other metrics are still computed and written
     import json
     torch.manual_seed(0)
     tok = Tokenizer(toy_cfg())
     with tempfile.TemporaryDirectory() as d:
         ckpt = {"model": tok.state_dict(), "config": {"tokenizer": dataclasses.asdict(tok.cfg)}}
         torch.save(ckpt, os.path.join(d, "tok.pt"))
-        cfg = evaluate.EvalConfig(tokenizer=os.path.join(d, "tok.pt"), num_images=6, batch_size=3, lpips=False,
-                                  inception_path=os.path.join(d, "absent.pth"))
+        cfg = evaluate.EvalConfig(tokenizer=os.path.join(d, "tok.pt"), num_images=6, batch_size=3,
+                                  lpips=False, inception_path=os.path.join(d, "absent.pth"))
         results = evaluate.main(cfg)
         saved = json.load(open(os.path.join(d, "eval.json")))
         assert os.path.exists(os.path.join(d, "reconstructions.png"))
@@ -698,27 +731,30 @@ def test_evaluate_main_reconstruction_without_inception_weights():
 
 
 def test_evaluate_main_probe_reads_the_ar_code_cache():
-    # main(--gpt) end to end on a prepared train_ar.py code cache (class-dependent codes, as train_ar would have
-    # written them for a random toy tokenizer): the probe must find the cache, take the center view, and beat chance
+    # main(--gpt) end to end on a prepared train_ar.py code cache (class-dependent codes, as train_ar would
+    # have written them for a random toy tokenizer): the probe must find the cache, take the center view, and
+    # beat chance
     import json
     import train_ar
     torch.manual_seed(0)
     tok = Tokenizer(toy_cfg())
     N, vocab, classes = tok.cfg.num_tokens, tok.cfg.codebook_size, 4
-    gcfg = dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, n_head=2, vocab_size=vocab, block_size=N,
-                               num_classes=classes)
+    gcfg = dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, dim=64, n_head=2, vocab_size=vocab,
+                               block_size=N, num_classes=classes)
     with tempfile.TemporaryDirectory() as d:
         ckpt = {"model": tok.state_dict(), "config": {"tokenizer": dataclasses.asdict(tok.cfg)}}
         torch.save(ckpt, os.path.join(d, "tok.pt"))
         train = dict(tokenizer=os.path.join(d, "tok.pt"), data="synthetic", per_class=10,
                      code_dir=os.path.join(d, "codes"))
-        torch.save({"model": GPT(gcfg).state_dict(), "config": {"gpt": dataclasses.asdict(gcfg), "train": train}},
+        torch.save({"model": GPT(gcfg).state_dict(),
+                    "config": {"gpt": dataclasses.asdict(gcfg), "train": train}},
                    os.path.join(d, "gpt.pt"))
         g = torch.Generator().manual_seed(0)
         for split, n, views, per_class in (("train", 40, 10, 10), ("val", 40, 1, 0)):
             y = torch.arange(n) % classes
             codes = torch.randint(vocab, (n, views, N), generator=g)
-            codes[:, 4 if views == 10 else 0, : N // 2] = y[:, None] * 7  # only the center view carries the class
+            # only the center view carries the class
+            codes[:, 4 if views == 10 else 0, : N // 2] = y[:, None] * 7
             folder = os.path.join(d, "codes", split)
             os.makedirs(folder)
             np.save(os.path.join(folder, "codes.npy"), codes.numpy().astype(np.uint16))
@@ -726,7 +762,8 @@ def test_evaluate_main_probe_reads_the_ar_code_cache():
             meta = dict(fingerprint=train_ar.tokenizer_fingerprint(tok), data="synthetic", num_classes=0,
                         per_class=per_class, views=views, classes=[str(c) for c in range(classes)])
             json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
-        results = evaluate.main(evaluate.EvalConfig(ckpt=os.path.join(d, "gpt.pt"), probe_epochs=10, probe_batch=16,
+        results = evaluate.main(evaluate.EvalConfig(ckpt=os.path.join(d, "gpt.pt"), probe_epochs=10,
+                                                    probe_batch=16,
                                                     inception_path=os.path.join(d, "absent.pth")))
     probe = results["linear_probe"]
     assert probe["train_images"] == 40 and probe["val_images"] == 40 and probe["layer"] == 1
@@ -736,7 +773,8 @@ def test_evaluate_main_probe_reads_the_ar_code_cache():
 # Every conv of the FID Inception weights file as `name=out x in x kh x kw`; each has a BatchNorm of `out`
 # channels (weight, bias, running_mean, running_var) beside it, then fc 1008x2048 (+ bias). Obtained from
 # pytorch-fid 0.3.0's FID network built in a throwaway venv (torchvision's Inception3(num_classes=1008,
-# aux_logits=False) with pytorch-fid's FIDInceptionA/C/E_1/E_2 blocks), whose state dict the file fills strictly.
+# aux_logits=False) with pytorch-fid's FIDInceptionA/C/E_1/E_2 blocks), whose state dict the file fills
+# strictly.
 INCEPTION_CONVS = """
 Conv2d_1a_3x3=32x3x3x3 Conv2d_2a_3x3=32x32x3x3 Conv2d_2b_3x3=64x32x3x3 Conv2d_3b_1x1=80x64x1x1
     Conv2d_4a_3x3=192x80x3x3
@@ -808,9 +846,10 @@ def _inception_test_weights(sd):
 
 
 def test_inception_forward_matches_pytorch_fid_on_fixed_weights():
-    # Reference: pytorch-fid 0.3.0's own InceptionV3([3]) wrapper (resize, scaling, blocks), its fid_inception_v3()
-    # filled with _inception_test_weights instead of the downloaded file, on the same input, in a throwaway venv:
-    # pool = net(x)[0].flatten(1), logits = pool @ fc.weight.T. Our module reproduced it bit for bit there.
+    # Reference: pytorch-fid 0.3.0's own InceptionV3([3]) wrapper (resize, scaling, blocks), its
+    # fid_inception_v3() filled with _inception_test_weights instead of the downloaded file, on the same
+    # input, in a throwaway venv: pool = net(x)[0].flatten(1), logits = pool @ fc.weight.T. Our module
+    # reproduced it bit for bit there.
     net = evaluate.InceptionV3()
     net.load_state_dict(_inception_test_weights(net.state_dict()))
     yy, xx = torch.meshgrid(torch.arange(40.), torch.arange(48.), indexing="ij")
@@ -821,7 +860,8 @@ def test_inception_forward_matches_pytorch_fid_on_fixed_weights():
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
     close = lambda t, ref: torch.allclose(t, torch.tensor(ref), rtol=1e-4, atol=1e-4)
     assert close(pool.sum(1), [1919.18725586, 2029.49072266])
-    assert close(pool[:, :4], [[2.57894492, 0.0, 0.97330391, 0.85627365], [2.84315348, 0.0, 0.94179320, 0.94803500]])
+    assert close(pool[:, :4], [[2.57894492, 0.0, 0.97330391, 0.85627365],
+                               [2.84315348, 0.0, 0.94179320, 0.94803500]])
     assert close(logits.sum(1), [33.75212860, 32.77136993])
     assert close(logits[:, :4], [[-1.29854167, 0.98458344, -0.86808312, -0.92843902],
                                  [-1.29457831, 1.00644469, -0.98603594, -0.94945979]])
@@ -843,15 +883,19 @@ def _tiny_gpt(seed=0, **kw):
     cfg = dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=32, vocab_size=40, block_size=12,
                               num_classes=5, **kw)
     gpt = GPT(cfg)
-    torch.nn.init.normal_(gpt.output.weight, std=0.3)  # the zero-initialized head would make every logit equal
-    torch.nn.init.normal_(gpt.cls_embedding.weight, std=0.5)  # and make the class matter
+    # a random head (the zero-initialized one would make every logit equal), and class embeddings large
+    # enough that the class matters
+
+    torch.nn.init.normal_(gpt.output.weight, std=0.3)
+    torch.nn.init.normal_(gpt.cls_embedding.weight, std=0.5)
     return gpt.eval()
 
 
 def test_sample_kv_cache_generation_equals_uncached():
     gpt, labels = _tiny_gpt(), torch.tensor([0, 1, 2, 4])
     settings = [dict(temperature=0), dict(temperature=0, cfg_scale=3.0),                       # greedy
-                dict(), dict(cfg_scale=2.0, top_k=8, top_p=0.9, temperature=1.3),              # sampling, seeded
+                # sampling, seeded
+                dict(), dict(cfg_scale=2.0, top_k=8, top_p=0.9, temperature=1.3),
                 dict(cfg_scale=2.0, cfg_schedule="step", step_start=0.5)]
     for kw in settings:
         a = sample.generate(gpt, labels, generator=torch.Generator().manual_seed(7), kv_cache=True, **kw)
@@ -871,8 +915,10 @@ def test_sample_guidance_scale_one_gives_conditional_logits():
         assert torch.allclose(sample.guide(doubled[:, i], 1.0), cond[:, i], atol=1e-5)
         assert torch.allclose(sample.guide(doubled[:, i], 0.0), uncond[:, i], atol=1e-5)
         s = 2.5  # and in between / beyond: the straight line through them
-        assert torch.allclose(sample.guide(doubled[:, i], s), uncond[:, i] + s * (cond[:, i] - uncond[:, i]), atol=1e-4)
-    # the step schedule: the first code at full scale (official prefill), then 1 until step_start, then s
+        assert torch.allclose(sample.guide(doubled[:, i], s), uncond[:, i] + s * (cond[:, i] - uncond[:, i]),
+                              atol=1e-4)
+    # the step schedule: the first code at full scale (the official prefill,
+    # `autoregressive/models/generate.py`), then 1 until step_start, then s
     scales = [sample.guidance_scale(i, 11, 4.0, "step", 0.5) for i in range(11)]
     assert scales == [4.0] + [1.0] * 4 + [4.0] * 6
     # guidance 1 samples from the conditional model: the same codes as drawing from the conditional logits
@@ -887,7 +933,8 @@ def test_sample_guidance_scale_one_gives_conditional_logits():
 
 def test_sample_top_k_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = lambda **kw: {sample.sample_logits(logits, generator=torch.Generator().manual_seed(s), **kw).item()
+    draws = lambda **kw: {sample.sample_logits(logits, generator=torch.Generator().manual_seed(s),
+                                               **kw).item()
                           for s in range(200)}
     assert draws(top_k=1) == {0} and draws(temperature=0) == {0}
     assert draws(top_k=2) == {0, 1}
@@ -903,7 +950,8 @@ def test_train_ar_ten_crops_and_wsd_schedule():
     assert crops.shape == (2, 10, 3, 5, 5)
     assert torch.equal(crops[:, 0], x[..., :5, :5]) and torch.equal(crops[:, 3], x[..., 2:, 2:])
     assert torch.equal(crops[:, 4], x[..., 1:6, 1:6]) and torch.equal(crops[:, 5], x[..., :5, :5].flip(-1))
-    cfg = train_ar.ARConfig(lr=1.0, warmup=10, max_steps=100, decay_frac=0.2)  # schedule_steps -1: = max_steps
+    # schedule_steps -1: = max_steps
+    cfg = train_ar.ARConfig(lr=1.0, warmup=10, max_steps=100, decay_frac=0.2)
     lr = [train_ar.get_lr(s, cfg) for s in range(101)]
     assert lr[0] == 0.01 and abs(lr[5] - 0.505) < 1e-9 and lr[10] == lr[79] == 1.0
     assert abs(lr[90] - (1 - math.sqrt(0.5))) < 1e-9 and lr[100] == 0.0
@@ -911,17 +959,22 @@ def test_train_ar_ten_crops_and_wsd_schedule():
     assert all(train_ar.get_lr(s, cfg) == 1.0 for s in range(10, 101))
     cfg = dataclasses.replace(cfg, schedule="cosine", schedule_steps=-1)
     assert lr[0] == train_ar.get_lr(0, cfg) and abs(train_ar.get_lr(55, cfg) - 0.5) < 1e-9
-    # the one-flag AR probe: GPT-B at the paper's batch and lr, 250k steps inside a 1.5M-step schedule, no warmup
-    probe = train_ar.resolve(train_ar.ARConfig(tokenizer="out/tokenizer-s-s/ckpt.pt", data="/data/imagenet", probe=True))
-    assert (probe.gpt, probe.batch_size, probe.lr, probe.warmup, probe.max_steps, probe.schedule_steps, probe.per_class,
-            probe.out_dir) == ("gpt-b", 256, 1e-4, 0, 250_000, 1_500_000, 0, "out/probe-tokenizer-s-s")
+    # the one-flag AR probe: GPT-B at the paper's batch and lr, 250k steps inside a 1.5M-step schedule,
+    # no warmup
+    probe = train_ar.resolve(train_ar.ARConfig(tokenizer="out/tokenizer-s-s/ckpt.pt", data="/data/imagenet",
+                                               probe=True))
+    assert (probe.gpt, probe.batch_size, probe.lr, probe.warmup, probe.max_steps, probe.schedule_steps,
+            probe.per_class, probe.out_dir) == ("gpt-b", 256, 1e-4, 0, 250_000, 1_500_000, 0,
+                                                "out/probe-tokenizer-s-s")
     assert train_ar.resolve(train_ar.ARConfig()).gpt == "toy"
 
 
 def _register_tiny_ar():  # a 0.14M-parameter AR size for the end-to-end tests, trained like the toy
     GPT_PRESETS.setdefault("test-tiny", dataclasses.replace(GPT_PRESETS["toy"], n_layer=2, n_head=2, dim=64))
     train_ar.AR_TRAIN_PRESETS.setdefault("test-tiny", train_ar.AR_TRAIN_PRESETS["toy"])
-    # and without class dropout: each process draws its own labels to drop, so only this one compares across worlds
+    # and without class dropout: each process draws its own labels to drop, so only this one compares
+    # across worlds
+
     GPT_PRESETS.setdefault("test-exact", dataclasses.replace(GPT_PRESETS["test-tiny"], class_dropout=0.0))
     train_ar.AR_TRAIN_PRESETS.setdefault("test-exact", train_ar.AR_TRAIN_PRESETS["toy"])
 
@@ -957,8 +1010,8 @@ def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
     with tempfile.TemporaryDirectory() as d:
         tok_path, code_dir = _tiny_code_cache(d)
         cfg = train_ar.ARConfig(tokenizer=tok_path, code_dir=code_dir, gpt="test-tiny", per_class=0,
-                                out_dir=os.path.join(d, "ar"), batch_size=16, max_steps=250, warmup=10, lr=3e-3,
-                                eval_interval=1000, log_interval=1000, ckpt_interval=1000)
+                                out_dir=os.path.join(d, "ar"), batch_size=16, max_steps=250, warmup=10,
+                                lr=3e-3, eval_interval=1000, log_interval=1000, ckpt_interval=1000)
         result = train_ar.main(cfg)
         assert result["val_loss"] < 0.1 * math.log(64), result      # memorized: far below log(vocab) = 4.16
         assert result["val_loss"] < 0.1 * result["code_entropy"], result
@@ -967,7 +1020,8 @@ def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
         train_ar.main(dataclasses.replace(cfg, out_dir=os.path.join(d, "straight"), **kw))
         train_ar.main(dataclasses.replace(cfg, out_dir=os.path.join(d, "resumed"), **dict(kw, max_steps=12)))
         train_ar.main(dataclasses.replace(cfg, out_dir=os.path.join(d, "resumed"), **kw))
-        a, b = (torch.load(os.path.join(d, run, "ckpt.pt"), weights_only=True) for run in ("straight", "resumed"))
+        a, b = (torch.load(os.path.join(d, run, "ckpt.pt"), weights_only=True)
+                for run in ("straight", "resumed"))
         assert a["step"] == b["step"] == 30
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         # and sample.py draws a labelled grid from it
@@ -975,9 +1029,11 @@ def test_train_ar_toy_overfits_a_small_code_set_and_resumes_exactly():
         sample.main(sample.SampleConfig(ckpt=os.path.join(d, "ar", "ckpt.pt"), per_class=2, out=out))
         from PIL import Image
         assert Image.open(out).size[1] == 8 * 32                                  # a row per class
-        for bad in (dict(classes="3,8"), dict(tokenizer=_tiny_tokenizer_checkpoint(os.path.join(d, "other"), 128))):
+        for bad in (dict(classes="3,8"),
+                    dict(tokenizer=_tiny_tokenizer_checkpoint(os.path.join(d, "other"), 128))):
             try:  # a class the model does not have, a tokenizer of another vocabulary: one-line errors
-                sample.main(sample.SampleConfig(ckpt=os.path.join(d, "ar", "ckpt.pt"), per_class=2, out=out, **bad))
+                sample.main(sample.SampleConfig(ckpt=os.path.join(d, "ar", "ckpt.pt"), per_class=2, out=out,
+                                                **bad))
                 raise AssertionError(f"{bad} was accepted")
             except runtime.UserError as e:
                 assert "class ids from 0 to 7" in str(e) or "does not fit the AR model" in str(e), e
@@ -1003,8 +1059,8 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
     try:
         with tempfile.TemporaryDirectory() as d:
             tok_path = _tiny_tokenizer_checkpoint(d)
-            cfg = train_ar.ARConfig(tokenizer=tok_path, gpt="test-tiny", out_dir=os.path.join(d, "ar"), max_steps=2,
-                                    batch_size=4, encode_batch=4, per_class=0)
+            cfg = train_ar.ARConfig(tokenizer=tok_path, gpt="test-tiny", out_dir=os.path.join(d, "ar"),
+                                    max_steps=2, batch_size=4, encode_batch=4, per_class=0)
             train_ar.main(cfg)
             folder = os.path.join(d, "tokenizer", "codes-synthetic")
             codes = np.load(os.path.join(folder, "train", "codes.npy"))
@@ -1012,7 +1068,8 @@ def test_train_ar_code_cache_is_ten_crops_written_once_and_reused():
             assert np.load(os.path.join(folder, "val", "codes.npy")).shape == (6, 1, 16)
             assert list(np.load(os.path.join(folder, "train", "labels.npy"))) == [0, 1, 2, 0, 1, 2]
             tok = model.load_tokenizer(tok_path)
-            with torch.no_grad():  # image 4: ten crops of its 35x35 center crop (1.1 x 32), encoded one by one
+            # image 4: ten crops of its 35x35 center crop (1.1 x 32), encoded one by one
+            with torch.no_grad():
                 views = train_ar.ten_crops(_FewImages(None, "train", 35)[4][0][None], 32)[0]
                 assert np.array_equal(codes[4], tok.encode(views).numpy())
                 assert np.array_equal(np.load(os.path.join(folder, "val", "codes.npy"))[2],
@@ -1052,7 +1109,8 @@ def _tok_run(out_dir, **kw):
 def test_parse_config_flags_help_and_unknown_flags():
     cfg = runtime.parse_config(train_tokenizer.TrainConfig(), ["--size", "s-s", "--max-steps", "7",
                                        "--fresh", "--lr=3e-4", "--compile", "false", "--data", "/x"])
-    assert (cfg.size, cfg.max_steps, cfg.fresh, cfg.lr, cfg.compile, cfg.data) == ("s-s", 7, True, 3e-4, False, "/x")
+    assert (cfg.size, cfg.max_steps, cfg.fresh, cfg.lr, cfg.compile, cfg.data) == \
+        ("s-s", 7, True, 3e-4, False, "/x")
     for bad in (["--no-such-flag", "1"], ["--max-steps", "seven"], ["--max-steps"], ["positional"]):
         try:
             runtime.parse_config(train_tokenizer.TrainConfig(), bad)
@@ -1068,9 +1126,13 @@ def test_parse_config_flags_help_and_unknown_flags():
             assert e.code == 0
     text = buf.getvalue()
     assert "--disc-start" in text and "PatchGAN starts" in text and "--max-steps" in text
-    resolved = train_tokenizer.resolve(train_tokenizer.TrainConfig(size="xl-xxl"))  # spec 1.8 / 4.3
+    # the official XL-XXL recipe: `configs/vq/VQ_XLXXL256.yaml`, 300 epochs at batch 256
+    # (`scripts/composite_cmd/train_vq_and_eval.sh`)
+
+    resolved = train_tokenizer.resolve(train_tokenizer.TrainConfig(size="xl-xxl"))
     assert (resolved.batch_size, resolved.warmup, resolved.entropy_weight, resolved.aux_loss_end,
-            resolved.disc_start, resolved.max_steps, resolved.lr) == (256, 5000, 0.005, 0, 20000, 1_500_000, 1e-4)
+            resolved.disc_start, resolved.max_steps, resolved.lr) == \
+        (256, 5000, 0.005, 0, 20000, 1_500_000, 1e-4)
     assert train_tokenizer.resolve(train_tokenizer.TrainConfig(size="b-l")).max_steps == 1_000_000
 
 
@@ -1088,13 +1150,15 @@ def test_synthetic_images_deterministic_any_size_and_held_out_differs():
 
 
 def test_synthetic_shape_classes_are_mirror_symmetric():
-    # training flips images left-right (train_tokenizer, and train_ar's ten crops), so a class must be its own
-    # mirror image: the horizontal skewness of its shapes averages to ~0. A triangle pointing sideways gave 0.5.
+    # training flips images left-right (train_tokenizer, and train_ar's ten crops), so a class must be its
+    # own mirror image: the horizontal skewness of its shapes averages to ~0 (a triangle pointing sideways
+    # would not).
     for c in range(7):  # the shapes; patterns are symmetric by their random orientation
         skews = []
         for k in range(40):
             img = data.render_synthetic(c + 10 * k, "train", 64)[0].astype(float)
-            x = np.nonzero(np.abs(img - img[0, 0]).sum(-1) > 60)[1]     # columns of the pixels unlike the corner
+            # columns of the pixels unlike the corner
+            x = np.nonzero(np.abs(img - img[0, 0]).sum(-1) > 60)[1]
             skews.append(((x - x.mean()) ** 3).mean() / x.std() ** 3)
         assert abs(np.mean(skews)) < 0.1, (data.SYNTHETIC_CLASSES[c], np.mean(skews))
 
@@ -1112,8 +1176,11 @@ def test_image_folder_recursive_flat_subsets_and_unreadable_files():
         with open(os.path.join(d, "train", "a_cls", "images", "3.png"), "w") as f:
             f.write("not an image")
         os.makedirs(os.path.join(d, "flat"))
-        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(os.path.join(d, "flat", "g.png"))
-        images = data.make_dataset(d, "train", 32)  # no val/: every 3rd image of each class held out (10 images)
+        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(
+            os.path.join(d, "flat", "g.png"))
+        # no val/: every 3rd image of each class held out (10 images)
+        images = data.make_dataset(d, "train", 32)
+
         assert images.classes == ["a_cls", "b_cls", "c_cls"] and len(images) == 7
         x, y = images[0]
         assert x.shape == (3, 32, 32) and y == 0
@@ -1297,14 +1364,15 @@ def test_train_batches_are_a_function_of_seed_rank_and_step():
     images = data.make_dataset("synthetic", "train", 16, per_class=3)   # 30 images
     first = list(itertools.islice(data.train_batches(images, 4, rank=1, world=2, seed=5), 9))
     later = next(data.train_batches(images, 4, rank=1, world=2, seed=5, start=7))
-    assert torch.equal(first[7][0], later[0]) and torch.equal(first[7][1], later[1])   # a resume sees the same
+    # a resume sees the same
+    assert torch.equal(first[7][0], later[0]) and torch.equal(first[7][1], later[1])
     other = next(data.train_batches(images, 4, rank=0, world=2, seed=5, start=7))
     assert not torch.equal(other[0], later[0])
 
 
 def test_keep_freed_memory_keeps_a_freed_block_for_reuse():
-    # glibc unmaps a freed 64 MiB block at once (RSS falls back); after runtime.keep_freed_memory it stays in the
-    # process for later allocations (the CPU speed-up: no fresh page faults for each step's activations)
+    # glibc unmaps a freed 64 MiB block at once (RSS falls back); after runtime.keep_freed_memory it stays in
+    # the process for later allocations (the CPU speed-up: no fresh page faults for each step's activations)
     script = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -1347,17 +1415,20 @@ def test_checkpoint_save_is_atomic():
 
 
 def test_toy_training_steps_reduce_the_loss_on_a_fixed_batch():
-    # the default toy is the paper's 1D Q-Former tokenizer: trained with its own loss weights on one image, the
-    # reconstruction MSE falls to under a quarter (measured 0.16 of it) and its codes do not collapse
-    with tempfile.TemporaryDirectory() as d:   # one training image: every batch is that image (flipped or not)
+    # the default toy is the paper's 1D Q-Former tokenizer: trained with its own loss weights on one image,
+    # the reconstruction MSE falls to under a quarter and its codes do not collapse
+    # one training image: every batch is that image (flipped or not)
+    with tempfile.TemporaryDirectory() as d:
         result, rows = _tok_run(d, max_steps=25, num_classes=1, per_class=1, lr=1e-3)
         assert result["tokenizer"].cfg.kind == "1d" and result["tokenizer"].cfg.num_tokens == 128
         losses = [r["mse"] for r in rows]
         assert len(losses) == 25 and np.mean(losses[-5:]) < 0.25 * np.mean(losses[:3]), losses
-        x = data.make_dataset("synthetic", "train", 64, 0, num_classes=1, per_class=1)[0][0][None]  # (1, 3, 64, 64)
+        # (1, 3, 64, 64)
+        x = data.make_dataset("synthetic", "train", 64, 0, num_classes=1, per_class=1)[0][0][None]
         with torch.no_grad():
-            assert result["tokenizer"].eval().encode(x).unique().numel() > 32   # of 128 codes (measured 52)
-        assert os.path.exists(os.path.join(d, "ckpt.pt")) and os.path.exists(os.path.join(d, "recon-0000025.png"))
+            assert result["tokenizer"].eval().encode(x).unique().numel() > 32   # of 128 codes
+        assert (os.path.exists(os.path.join(d, "ckpt.pt"))
+                and os.path.exists(os.path.join(d, "recon-0000025.png")))
         loaded = model.load_tokenizer(os.path.join(d, "ckpt.pt"))    # the checkpoint is what the loader reads
         assert loaded.cfg == result["tokenizer"].cfg
 
@@ -1365,13 +1436,17 @@ def test_toy_training_steps_reduce_the_loss_on_a_fixed_batch():
 def test_discriminator_terms_zero_before_disc_start_and_active_after_and_resume_continues():
     with tempfile.TemporaryDirectory() as d:
         _, rows = _tok_run(d, max_steps=3, disc_start=3, lr=1e-4, end_lr=1e-4)
-        assert [r["step"] for r in rows] == [1, 2, 3] and all(r["gan"] == 0 and r["d_loss"] == 0 for r in rows)
+        assert [r["step"] for r in rows] == [1, 2, 3] and all(r["gan"] == 0 and r["d_loss"] == 0
+                                                              for r in rows)
         torch.manual_seed(0)
         Tokenizer(TOKENIZER_PRESETS["toy"])
-        init_disc = model.PatchDiscriminator().state_dict()        # created right after the tokenizer, same seed
+        # created right after the tokenizer, same seed
+        init_disc = model.PatchDiscriminator().state_dict()
         ckpt = model.read_checkpoint(os.path.join(d, "ckpt.pt"))
-        assert ckpt["step"] == 3 and all(torch.equal(v, ckpt["discriminator"][k]) for k, v in init_disc.items())
-        result, rows = _tok_run(d, max_steps=5, disc_start=3, lr=1e-4, end_lr=1e-4)   # the same command, longer
+        assert ckpt["step"] == 3 and all(torch.equal(v, ckpt["discriminator"][k])
+                                         for k, v in init_disc.items())
+        # the same command, longer
+        result, rows = _tok_run(d, max_steps=5, disc_start=3, lr=1e-4, end_lr=1e-4)
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]                           # continued at step 4
         assert all(r["gan"] != 0 and r["d_loss"] > 0 for r in rows[3:])
         weights = {k: v.clone() for k, v in result["tokenizer"].state_dict().items()}
@@ -1418,21 +1493,27 @@ def test_teacher_through_local_hub_repo_is_frozen_and_semantic_loss_is_direct():
                                     semantic_weight=0.5)
         assert "xFormers" not in buf.getvalue()  # DINOv2's warnings at import, silenced
         teacher, tok = result["teacher"], result["tokenizer"]
-        assert teacher is not None and all(-1 <= r["semantic"] <= 1 and r["semantic"] != 0 for r in rows)  # -mean cos
+        # the semantic loss is -mean cos
+        assert teacher is not None and all(-1 <= r["semantic"] <= 1 and r["semantic"] != 0 for r in rows)
         fresh = torch.hub.load(repo, "tiny_vit", source="local")
         assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in teacher.net.state_dict().items())
         assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
         torch.manual_seed(0)
         init = Tokenizer(TOKENIZER_PRESETS["toy"]).state_dict()
-        assert not torch.equal(init["decoder.semantic_head.0.weight"], tok.state_dict()["decoder.semantic_head.0.weight"])
+        assert not torch.equal(init["decoder.semantic_head.0.weight"],
+                               tok.state_dict()["decoder.semantic_head.0.weight"])
         ckpt = model.read_checkpoint(os.path.join(out, "ckpt.pt"))
         assert not any(k.startswith(("teacher", "net.")) for k in ckpt["model"])   # the teacher is not saved
-        # the teacher's input (official order: normalize, then bicubic resize to grid*14) and the loss
+        # the teacher's input (official order, `tokenizer/tokenizer_image/vq/vq_train.py`: normalize, then
+        # bicubic resize to grid*14) and the loss
         x = torch.rand(2, 3, 64, 64) * 2 - 1
-        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        direct_in = F.interpolate(((x + 1) / 2 - mean) / std, size=8 * 14, mode="bicubic", align_corners=False)
+        mean, std = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                     torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        direct_in = F.interpolate(((x + 1) / 2 - mean) / std, size=8 * 14, mode="bicubic",
+                                  align_corners=False)
         t = teacher(x)
-        assert t.shape == (2, 64, 384) and torch.allclose(t, fresh.forward_features(direct_in)["x_norm_patchtokens"], atol=1e-5)
+        assert t.shape == (2, 64, 384) and torch.allclose(
+            t, fresh.forward_features(direct_in)["x_norm_patchtokens"], atol=1e-5)
         s = torch.randn(2, 64, 384)
         direct = np.mean([np.mean([-(s[j, i] @ t[j, i]).item() / (s[j, i].norm() * t[j, i].norm()).item()
                                    for i in range(64)]) for j in range(2)])
@@ -1487,7 +1568,9 @@ def test_helpers_load_only_when_their_weight_asks_and_a_missing_one_stops_the_ru
         assert result["teacher"] is None and "teacher: off (semantic weight 0); LPIPS: off" in out.getvalue()
         assert rows[-1]["lpips"] == rows[-1]["semantic"] == 0.0
         paper = train_tokenizer.resolve(train_tokenizer.TrainConfig(size="xl-xxl"))
-        assert (paper.perceptual_weight, paper.semantic_weight) == (1.0, 0.5)  # the paper's recipe (spec 4.1)
+        # the paper's recipe, as `tokenizer/tokenizer_image/vq/vq_loss.py` weighs the terms
+        assert (paper.perceptual_weight, paper.semantic_weight) == (1.0, 0.5)
+
 
 
 # ---- reliability: bad flags, bad files, bad numbers, kills and restarts ----
