@@ -1,12 +1,13 @@
 """
 GigaTok in one file: the tokenizer (CNN encoder -> Q-Former -> VQ -> Q-Former -> CNN decoder) and the
-LlamaGen-style AR model trained on its tokens; then our additions: fp32 attention under a CPU autocast, the toy's
-initialization, the LPIPS network and PatchGAN discriminator of the training loss, and the loaders of our and the
-official checkpoints.
+LlamaGen-style AR model trained on its tokens; then our additions: fp32 attention under a CPU autocast, the
+toy's initialization, the LPIPS network and PatchGAN discriminator of the training loss, and the loaders of
+our and the official checkpoints.
 
 Paper: "GigaTok: Scaling Visual Tokenizers to 3 Billion Parameters for Autoregressive Image Generation"
-(arXiv 2504.08736). The math follows the official code, so that its released checkpoints load into these
-modules (see load_tokenizer / load_gpt at the end). Where the paper and the code differ, we follow the code.
+(arXiv 2504.08736). The math follows the official code (github.com/SilentView/GigaTok), so that its released
+checkpoints load into these modules (see load_tokenizer / load_gpt at the end). Where the paper and the code
+differ, we follow the code.
 
 Layout conventions: images are (B, 3, H, W) in [-1, 1]; CNN feature maps are (B, C, h, w); transformer
 sequences are batch-first (B, L, C); latent tokens are (B, N, C). For the paper's S-S at 256x256: the CNN
@@ -50,11 +51,13 @@ class TokenizerConfig:
     kind: str = "1d"                 # "1d": Q-Former with 1D latent tokens; "2d": ViT on the 2D grid
     encoder_size: str = "small"      # transformer encoder size, a key of TRANSFORMER_SIZES
     decoder_size: str = "small"      # transformer decoder size; the paper scales it more than the encoder
-    layer_type: str = "detr"         # 2D only: "detr" (DETR decoder layer, S-S) or "vit" (plain pre-norm, S-B, B-L)
+    layer_type: str = "detr"         # 2D only: "detr" (DETR decoder layer, S-S)
+                                     # or "vit" (plain pre-norm, S-B, B-L)
     num_latent_tokens: int = 256     # 1D only: number of latent tokens N (a power of two, <= 2 * grid**2)
     ch: int = 128                    # CNN base channels
     ch_mult: tuple = (1, 1, 2, 2, 4)  # CNN channel multipliers; downsample factor = 2 ** (len - 1) = 16
-    norm_groups: int = 32            # CNN GroupNorm groups (official 32; with 32 channels that is InstanceNorm)
+    norm_groups: int = 32            # CNN GroupNorm groups (official 32;
+                                     # with 32 channels that is InstanceNorm)
     num_res_blocks: int = 2          # residual blocks per CNN encoder level (decoder: one more)
     z_channels: int = 256            # channels between the CNN and the transformers
     codebook_size: int = 16384       # K codes ...
@@ -64,11 +67,14 @@ class TokenizerConfig:
     teacher_dim: int = 768           # semantic regularization target width (DINOv2-B: 768); 0 = no MLP head
     distill_depth: int = 3           # decoder layer whose output is aligned to the teacher (Sec. 3.2, l = 3)
     dropout: float = 0.0
-    init: str = "official"           # "official" (trunc-normal 0.02) or "identity" (ours, for short runs; see identity_init)
-    query_init_2d: str = "token0"    # 1D only: how the decoder's g*g queries start (QFormerDecoder); "token0" official
+    init: str = "official"           # "official" (trunc-normal 0.02) or "identity"
+                                     # (ours, for short runs; see identity_init)
+    query_init_2d: str = "token0"    # 1D only: how the decoder's g*g queries start (QFormerDecoder);
+                                     # "token0" official
 
+    # side of the CNN feature grid = of the decoder's 2D queries = of the teacher's patch grid
     @property
-    def grid(self):  # side of the CNN feature grid = of the decoder's 2D queries = of the teacher's patch grid
+    def grid(self):
         return self.image_size // 2 ** (len(self.ch_mult) - 1)
 
     @property
@@ -82,8 +88,9 @@ def _preset(enc, dec, kind="1d", **kw):
 
 
 # what the two toys share (ours): 64x64 images, the "toy" transformers, a 4-level CNN with 8 GroupNorm groups,
-# 1024 codes, DINOv2-S/14's width as the semantic target, and identity_init. (4096 codes reconstruct ~1 dB better, on
-# photos too, but cost the 1D toy a slower step and its AR model worse samples: README "Your own photos")
+# 1024 codes, DINOv2-S/14's width as the semantic target, and identity_init. (4096 codes reconstruct better,
+# on photos too, but cost the 1D toy a slower step and its AR model worse samples: see EXPERIMENTS.md, "How
+# the toy tokenizer was chosen" and "Photos")
 _TOY = dict(image_size=64, encoder_size="toy", decoder_size="toy", ch_mult=(1, 2, 2, 4), num_res_blocks=1,
             z_channels=64, norm_groups=8, codebook_size=1024, teacher_dim=384, init="identity")
 
@@ -98,19 +105,21 @@ TOKENIZER_PRESETS = {
     "s-s-2d": _preset("small", "small", kind="2d"),                     # 135.55M
     "s-b-2d": _preset("small", "base", kind="2d"),                      # 197.13M
     "b-l-2d": _preset("base", "large", kind="2d"),                      # 491.41M
-    # ours: the laptop toy, the paper's 1D Q-Former tokenizer with smaller numbers (64x64 images, 8x8 grid, CNN
-    # width 16); 128 latent tokens (= 2 * 8 * 8, the most the multi-level pooling allows), so that its finest level
-    # is one token per grid cell, and the decoder's queries start from those tokens (the official
-    # last_level_2d_query_init: with the official token0 the toy stays near 12 dB for hundreds of steps); see
-    # README "The 1D toy"
+    # ours: the laptop toy, the paper's 1D Q-Former tokenizer with smaller numbers (64x64 images, 8x8 grid,
+    # CNN width 16). 128 latent tokens (= 2 * 8 * 8, the most the multi-level pooling allows) make its finest
+    # level one token per grid cell, and the decoder's queries start from those tokens (the official
+    # last_level_2d_query_init; from the official token0 the toy learns far more slowly: see EXPERIMENTS.md,
+    # "How the toy tokenizer was chosen")
     "toy": TokenizerConfig(**_TOY, kind="1d", layer_type="detr", num_latent_tokens=128, ch=16,
                            query_init_2d="last_level"),
-    # ours: the 2D toy (ViT on the 8x8 grid = 64 tokens, CNN width 32), for the paper's 1D-vs-2D comparison (Fig. 9)
+    # ours: the 2D toy (ViT on the 8x8 grid = 64 tokens, CNN width 32), for the paper's 1D-vs-2D
+    # comparison (Fig. 9)
     "toy-2d": TokenizerConfig(**_TOY, kind="2d", layer_type="vit", num_latent_tokens=64, ch=32),
 }
 
 # -----------------------------------------------------------------------------------------------------------
-# CNN encoder and decoder (paper Sec. 3.1, Fig. 10; official Encoder / Decoder, no attention anywhere).
+# CNN encoder and decoder (paper Sec. 3.1, Fig. 10; official Encoder / Decoder in
+# tokenizer/tokenizer_image/vq/blocks.py, no attention anywhere).
 # The CNNs do the pixel work at full resolution; the transformers between them only ever see the g x g grid.
 
 
@@ -125,7 +134,8 @@ class ResnetBlock(nn.Module):
         self.norm1, self.conv1 = Normalize(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2, self.conv2 = Normalize(groups, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()  # 1x1 when widths differ
+        # a 1x1 conv when the widths differ
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -146,7 +156,8 @@ class Downsample(nn.Module):
 
 def depth_to_space(x, block=2):
     """(B, b*b*C, H, W) -> (B, C, b*H, b*W), the official DCR order: channel index = (i*b + j)*C + c goes to
-    output pixel (b*h + i, b*w + j). F.pixel_shuffle uses c*b*b + i*b + j instead; the weights need this one."""
+    output pixel (b*h + i, b*w + j). F.pixel_shuffle uses c*b*b + i*b + j instead; the weights need this
+    one."""
     B, C4, H, W = x.shape
     x = x.view(B, block, block, C4 // block ** 2, H, W)  # (B, i, j, C, H, W)
     x = x.permute(0, 3, 4, 1, 5, 2)                      # (B, C, H, i, W, j)
@@ -154,7 +165,8 @@ def depth_to_space(x, block=2):
 
 
 class Upsample(nn.Module):
-    """(B, C, h, w) -> (B, C, 2h, 2w): a 3x3 conv to 4C channels, then depth-to-space (a learned upsampling)."""
+    """(B, C, h, w) -> (B, C, 2h, 2w): a 3x3 conv to 4C channels, then depth-to-space (a learned
+    upsampling)."""
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, 4 * c, 3, padding=1)
@@ -165,7 +177,8 @@ class Upsample(nn.Module):
 
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine, whose scale and shift are predicted from the channel statistics of the
-    decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z)). h (B, C, h, w), z (B, Cz, g, g)."""
+    decoder input z (MAGVIT-v2 style): h = gamma(std(z)) * GN(h) + beta(mean(z)).
+    h (B, C, h, w), z (B, Cz, g, g)."""
     def __init__(self, z_channels, c, groups=32):
         super().__init__()
         self.gn = Normalize(groups, c, affine=False)
@@ -173,16 +186,19 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, h, z):
         z = z.flatten(2)                                       # (B, Cz, g*g)
-        std = (z.var(dim=-1) + 1e-6).sqrt()                    # (B, Cz); unbiased, torch's default as in the official code
+        # the unbiased variance, torch's default, as in the official code
+        std = (z.var(dim=-1) + 1e-6).sqrt()                    # (B, Cz)
         return self.gamma(std)[..., None, None] * self.gn(h) + self.beta(z.mean(-1))[..., None, None]
 
 
 class EncoderLevel(nn.Module):
-    """One resolution level of the CNN encoder: blocks ResnetBlocks cin -> cout, then (but the last) a Downsample.
-    A module of its own so that FSDP shards and activation checkpointing recomputes it as one unit."""
+    """One resolution level of the CNN encoder: blocks ResnetBlocks cin -> cout, then (but the last) a
+    Downsample. A module of its own so that FSDP shards and activation checkpointing recomputes it as one
+    unit."""
     def __init__(self, cin, cout, blocks, groups, dropout, down):
         super().__init__()
-        self.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups, dropout) for j in range(blocks))
+        self.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups, dropout)
+                                 for j in range(blocks))
         self.downsample = Downsample(cout) if down else nn.Identity()
 
     def forward(self, h):                                     # (B, cin, h, w) -> (B, cout, h/2, w/2)
@@ -192,15 +208,16 @@ class EncoderLevel(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    """One resolution level of the CNN decoder: an adaptive GroupNorm conditioned on the decoder input z, blocks
-    ResnetBlocks cin -> cout, then (but the last) an Upsample."""
+    """One resolution level of the CNN decoder: an adaptive GroupNorm conditioned on the decoder input z,
+    blocks ResnetBlocks cin -> cout, then (but the last) an Upsample."""
     def __init__(self, z_channels, cin, cout, blocks, groups, dropout, up):
         super().__init__()
         self.adaptive = AdaptiveGroupNorm(z_channels, cin, groups)
-        self.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups, dropout) for j in range(blocks))
+        self.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups, dropout)
+                                 for j in range(blocks))
         self.upsample = Upsample(cout) if up else nn.Identity()
 
-    def forward(self, h, z):                                  # (B, cin, h, w), z (B, z, g, g) -> (B, cout, 2h, 2w)
+    def forward(self, h, z):                          # (B, cin, h, w), z (B, z, g, g) -> (B, cout, 2h, 2w)
         h = self.adaptive(h, z)                               # scale and shift from z's channel statistics
         for block in self.res:
             h = block(h)
@@ -208,8 +225,9 @@ class DecoderLevel(nn.Module):
 
 
 class CNNEncoder(nn.Module):
-    """(B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2 ** (len(ch_mult) - 1): one level per multiplier, each of
-    num_res_blocks ResnetBlocks and (but the last) a Downsample, then two more blocks and a conv to z_channels."""
+    """(B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2 ** (len(ch_mult) - 1): one level per multiplier, each
+    of num_res_blocks ResnetBlocks and (but the last) a Downsample, then two more blocks and a conv to
+    z_channels."""
     def __init__(self, cfg):
         super().__init__()
         ch, mult, G = cfg.ch, cfg.ch_mult, cfg.norm_groups
@@ -232,7 +250,8 @@ class CNNEncoder(nn.Module):
 
 class CNNDecoder(nn.Module):
     """(B, z_channels, g, g) -> (B, 3, f*g, f*g), the encoder mirrored: each level starts with an adaptive
-    GroupNorm conditioned on the decoder's input, has num_res_blocks + 1 blocks and (but the last) an Upsample."""
+    GroupNorm conditioned on the decoder's input, has num_res_blocks + 1 blocks and (but the last) an
+    Upsample."""
     def __init__(self, cfg):
         super().__init__()
         ch, mult, G = cfg.ch, cfg.ch_mult, cfg.norm_groups
@@ -259,18 +278,24 @@ class CNNDecoder(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    """DETR's pre-norm decoder layer: self-attention over the queries, cross-attention from the queries to a
-    fixed memory, MLP. Positional embeddings are added to queries and keys, never to values."""
+    """DETR's pre-norm decoder layer (official TransformerDecoderLayer in
+    tokenizer/tokenizer_image/vq/blocks.py): self-attention over the queries, cross-attention from the queries
+    to a fixed memory, MLP. Positional embeddings are added to queries and keys, never to values."""
     def __init__(self, width, heads, dropout=0.0):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
-        self.norm2, self.cross_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
+        self.norm1, self.self_attn = (nn.LayerNorm(width),
+                                      nn.MultiheadAttention(width, heads, dropout, batch_first=True))
+        self.norm2, self.cross_attn = (nn.LayerNorm(width),
+                                       nn.MultiheadAttention(width, heads, dropout, batch_first=True))
         self.norm3 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * width, width))
 
-    def forward(self, q, memory, q_pos, mem_pos):   # q (B, Lq, C), memory (B, Lm, C), q_pos (Lq, C), mem_pos (Lm, C)
+    def forward(self, q, memory, q_pos, mem_pos):
+        # q (B, Lq, C), memory (B, Lm, C), q_pos (Lq, C), mem_pos (Lm, C)
         t = self.norm1(q)
-        q = q + fp32_on_cpu(self.self_attn, t + q_pos, t + q_pos, t, need_weights=False)[0]  # (query, key, value)
+        # (query, key, value) = (t + q_pos, t + q_pos, t)
+        q = q + fp32_on_cpu(self.self_attn, t + q_pos, t + q_pos, t, need_weights=False)[0]
         t = self.norm2(q)
         # the memory is not normed
         q = q + fp32_on_cpu(self.cross_attn, t + q_pos, memory + mem_pos, memory, need_weights=False)[0]
@@ -278,12 +303,15 @@ class QFormerLayer(nn.Module):
 
 
 class ViTLayer(nn.Module):
-    """The standard pre-norm transformer layer (used by the 2D S-B and B-L tokenizers). (B, L, C) -> (B, L, C)"""
+    """The standard pre-norm transformer layer (used by the 2D S-B and B-L tokenizers; official
+    TransformerLayer). (B, L, C) -> (B, L, C)"""
     def __init__(self, width, heads, dropout=0.0):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads, dropout, batch_first=True)
+        self.norm1, self.self_attn = (nn.LayerNorm(width),
+                                      nn.MultiheadAttention(width, heads, dropout, batch_first=True))
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * width, width))
 
     def forward(self, x):
         t = self.norm1(x)
@@ -314,16 +342,18 @@ def multi_level_pool(x, n):
 
 
 def multi_level_unpool(x, g, levels="all"):
-    """The inverse of multi_level_pool, for the decoder's 2D queries: latent tokens (B, n, C) -> (B, g*g, C), each
-    grid cell taking the token(s) of the pooling blocks that cover it (each group's block map upsampled, nearest).
-    levels="last": the finest group only (official last_level_1d_features_to_2d_maps); "all": the mean over every
-    group, the two global tokens included (what the official multi_level_1d_features_to_2d_maps_avg intends; its
-    index bookkeeping resets inside the loop, so it reads other tokens: spec 8.18)."""
+    """The inverse of multi_level_pool, for the decoder's 2D queries: latent tokens (B, n, C) -> (B, g*g, C),
+    each grid cell taking the token(s) of the pooling blocks that cover it (each group's block map upsampled,
+    nearest). levels="last": the finest group only (official last_level_1d_features_to_2d_maps); "all": the
+    mean over every group, the two global tokens included (what the official
+    multi_level_1d_features_to_2d_maps_avg in tokenizer/tokenizer_image/vq/blocks.py intends; its index
+    bookkeeping resets inside the loop, so it reads other tokens)."""
     B, n, C = x.shape
     L = round(math.log2(n))
     assert 2 ** L == n and n >= 2, f"num_latent_tokens must be a power of two >= 2, got {n}"
     out, start = 0, 0
-    for i in range(L + 1):                                       # the groups of multi_level_pool, coarse to fine
+    # the groups of multi_level_pool, coarse to fine
+    for i in range(L + 1):
         level = max(i - 1, 0)
         hb, wb = 2 ** (level // 2), 2 ** ((level + 1) // 2)      # this group's blocks along height and width
         group = x[:, start:start + hb * wb]                      # (B, hb*wb, C), row-major blocks
@@ -337,14 +367,16 @@ def multi_level_unpool(x, g, levels="all"):
 
 
 def semantic_mlp(width, out_dim):
-    """The semantic-regularization head (Sec. 3.2): 3-layer SiLU MLP from decoder width to the teacher's width."""
+    """The semantic-regularization head (Sec. 3.2): 3-layer SiLU MLP from decoder width to the teacher's
+    width."""
     return nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, 4 * width), nn.SiLU(),
                          nn.Linear(4 * width, out_dim))
 
 
 class QFormerEncoder(nn.Module):
-    """CNN features (B, z, g, g) -> N latent tokens (B, N, z). The image tokens are embedded once (LN + Linear)
-    and stay fixed as cross-attention memory; only the N queries evolve through the layers."""
+    """CNN features (B, z, g, g) -> N latent tokens (B, N, z). The image tokens are embedded once
+    (LN + Linear) and stay fixed as cross-attention memory; only the N queries evolve through the layers.
+    Official ViTEncoder, tokenizer/tokenizer_image/vq/blocks.py."""
     def __init__(self, cfg):
         super().__init__()
         w, depth, heads = TRANSFORMER_SIZES[cfg.encoder_size]
@@ -359,22 +391,24 @@ class QFormerEncoder(nn.Module):
 
     def forward(self, s):
         B, C, g, _ = s.shape
-        x = self.embed(self.ln_pre(s.flatten(2).transpose(1, 2)))                      # (B, g*g, w) the memory
-        grid = x.transpose(1, 2).reshape(B, -1, g, g)                                    # (B, w, g, g)
-        q = self.query_proj(multi_level_pool(grid, self.num_latent_tokens))             # (B, N, w) coarse to fine
+        x = self.embed(self.ln_pre(s.flatten(2).transpose(1, 2)))                   # (B, g*g, w) the memory
+        grid = x.transpose(1, 2).reshape(B, -1, g, g)                               # (B, w, g, g)
+        q = self.query_proj(multi_level_pool(grid, self.num_latent_tokens))         # (B, N, w) coarse to fine
         for layer in self.layers:
             q = layer(q, x, self.pos_query, self.pos_image)
-        return self.proj_out(self.ln_post(q))                                            # (B, N, z)
+        return self.proj_out(self.ln_post(q))                                       # (B, N, z)
 
 
 class QFormerDecoder(nn.Module):
-    """N latent tokens (B, N, z) -> CNN-decoder input (B, z, g, g). The g*g 2D queries start as cfg.query_init_2d says.
-    "token0", the official configs': all as latent token 0 (the slot seeded from the global mean), so spatial
-    identity comes from their learned positional embedding alone. "last_level" / "multi_level" (official options)
-    start each cell from the latent tokens whose pooling blocks cover it (multi_level_unpool); "learnable" (official
-    learnable_2d_query_init) from a learned table q_2d. The latent tokens are the fixed memory; only the queries evolve.
-    With features=True it also returns the queries after layer `distill_depth` (B, g*g, w) and their semantic
-    projection (B, g*g, teacher_dim), which the semantic regularization aligns with the teacher (Sec. 3.2)."""
+    """N latent tokens (B, N, z) -> CNN-decoder input (B, z, g, g) (official ViTDecoder,
+    tokenizer/tokenizer_image/vq/blocks.py). The g*g 2D queries start as cfg.query_init_2d says. "token0", the
+    official configs': all as latent token 0 (the slot seeded from the global mean), so spatial identity comes
+    from their learned positional embedding alone. "last_level" / "multi_level" (official options) start each
+    cell from the latent tokens whose pooling blocks cover it (multi_level_unpool); "learnable" (official
+    learnable_2d_query_init) from a learned table q_2d. The latent tokens are the fixed memory; only the
+    queries evolve. With features=True it also returns the queries after layer `distill_depth` (B, g*g, w)
+    and their semantic projection (B, g*g, teacher_dim), which the semantic regularization aligns with the
+    teacher (Sec. 3.2)."""
     def __init__(self, cfg):
         super().__init__()
         w, depth, heads = TRANSFORMER_SIZES[cfg.decoder_size]
@@ -393,9 +427,9 @@ class QFormerDecoder(nn.Module):
 
     def forward(self, tokens, features=False):
         B, N, _ = tokens.shape
-        x = self.embed(self.ln_pre(tokens))                                              # (B, N, w) the memory
+        x = self.embed(self.ln_pre(tokens))                                         # (B, N, w) the memory
         if self.query_init == "token0":
-            q = x[:, :1].expand(B, self.grid ** 2, -1)                                   # (B, g*g, w)
+            q = x[:, :1].expand(B, self.grid ** 2, -1)                              # (B, g*g, w)
         elif self.query_init == "learnable":
             q = self.q_2d.expand(B, -1, -1)
         else:
@@ -405,7 +439,7 @@ class QFormerDecoder(nn.Module):
             q = layer(q, x, self.pos_query, self.pos_latent)
             if features and i + 1 == self.distill_depth:
                 feat = q
-        out = self.ln_post(q).transpose(1, 2).reshape(B, -1, self.grid, self.grid)      # (B, w, g, g)
+        out = self.ln_post(q).transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, w, g, g)
         return self.conv_out(out), feat, semantic_projection(self.semantic_head, feat)
 
 
@@ -418,9 +452,10 @@ def semantic_projection(head, feat):
 
 
 class GridTransformer(nn.Module):
-    """The transformer both 2D classes share: (B, g*g, z) -> (B, g*g, w) and, with features=True, the tokens after
-    layer `distill_depth`. With layer_type "detr" each layer is the DETR layer with the current tokens as both
-    queries and memory; with "vit" the positional embedding is added once and the layers are plain pre-norm."""
+    """The transformer both 2D classes share: (B, g*g, z) -> (B, g*g, w) and, with features=True, the
+    tokens after layer `distill_depth`. With layer_type "detr" each layer is the DETR layer with the current
+    tokens as both queries and memory; with "vit" the positional embedding is added once and the layers are
+    plain pre-norm."""
     def __init__(self, cfg, size):
         super().__init__()
         w, depth, heads = TRANSFORMER_SIZES[size]
@@ -469,12 +504,14 @@ class ViTDecoder2D(GridTransformer):
         return self.conv_out(out), feat, semantic_projection(self.semantic_head, feat)
 
 # -----------------------------------------------------------------------------------------------------------
-# The tokenizer (paper Fig. 10): CNN encoder -> transformer encoder -> VQ -> transformer decoder -> CNN decoder
+# The tokenizer (paper Fig. 10; official VQVitModelPlus, tokenizer/tokenizer_image/vq/vq_vit_model.py):
+# CNN encoder -> transformer encoder -> VQ -> transformer decoder -> CNN decoder
 
 
 def init_weights(module):
-    """Official init: trunc_normal(0.02) and zero bias for every Linear and Conv (the CNN's too), LayerNorm (1, 0).
-    nn.MultiheadAttention's in_proj is a raw Parameter and keeps torch's xavier init; its out_proj is a Linear."""
+    """Official init: trunc_normal(0.02) and zero bias for every Linear and Conv (the CNN's too), LayerNorm
+    (1, 0). nn.MultiheadAttention's in_proj is a raw Parameter and keeps torch's xavier init; its out_proj
+    is a Linear."""
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -489,11 +526,14 @@ class Tokenizer(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        assert cfg.encoder_size in TRANSFORMER_SIZES and cfg.decoder_size in TRANSFORMER_SIZES, \
-            f"unknown transformer size in {cfg.encoder_size}/{cfg.decoder_size}; known: {list(TRANSFORMER_SIZES)}"
+        assert cfg.encoder_size in TRANSFORMER_SIZES and cfg.decoder_size in TRANSFORMER_SIZES, (
+            f"unknown transformer size in {cfg.encoder_size}/{cfg.decoder_size}; "
+            f"known: {list(TRANSFORMER_SIZES)}")
         assert cfg.kind in ("1d", "2d"), f"kind must be '1d' or '2d', got {cfg.kind!r}"
-        assert cfg.init in ("official", "identity"), f"init must be 'official' or 'identity', got {cfg.init!r}"
-        assert cfg.image_size % 2 ** (len(cfg.ch_mult) - 1) == 0, "image_size must be divisible by the downsample factor"
+        assert cfg.init in ("official", "identity"), \
+            f"init must be 'official' or 'identity', got {cfg.init!r}"
+        assert cfg.image_size % 2 ** (len(cfg.ch_mult) - 1) == 0, \
+            "image_size must be divisible by the downsample factor"
         self.cfg = cfg
         self.cnn_encoder = CNNEncoder(cfg)
         self.encoder = QFormerEncoder(cfg) if cfg.kind == "1d" else ViTEncoder2D(cfg)
@@ -508,15 +548,16 @@ class Tokenizer(nn.Module):
                                          cfg.rotation_trick)
         self.post_quant_conv = nn.Linear(cfg.codebook_dim, cfg.z_channels)              # d = 8 -> z
         if cfg.init == "identity":
-            identity_init(self)                                                         # ours (the toy), below
+            identity_init(self)                                             # ours (the toy), below
 
     def encode(self, x):
         """images (B, 3, H, W) -> codes (B, N)"""
         return self.quantizer(self.to_code_space(self.encoder(self.cnn_encoder(x))))[1]
 
     def to_code_space(self, h):
-        """(B, N, z) transformer tokens -> (B, N, d) latents, in float32 whatever the autocast: the code choice
-        depends on these (the quantizer computes in float32 too; runtime.shard keeps both fp32 under FSDP)."""
+        """(B, N, z) transformer tokens -> (B, N, d) latents, in float32 whatever the autocast: the code
+        choice depends on these (the quantizer computes in float32 too; runtime.shard keeps both fp32 under
+        FSDP)."""
         with torch.autocast(h.device.type, enabled=False):
             return self.quant_conv(h.float())
 
@@ -526,11 +567,12 @@ class Tokenizer(nn.Module):
         return self.cnn_decoder(spatial)
 
     def forward(self, x, shortcut=False, entropy=False, semantic=True):
-        """Training forward: the reconstruction (B, 3, H, W) and a dict of the raw pieces of the loss, which the
-        training loop weighs and sums (train_tokenizer.py). entropy=True computes the entropy term (Sec. 3.3);
-        semantic=False skips the decoder's layer-l features and the semantic head (a run without a teacher).
-        shortcut=True adds the official early auxiliary terms (spec 1.10): the CNN-only reconstruction
-        CNN-dec(CNN-enc(x)) and the MSE between the CNN encoder output and the transformer decoder output."""
+        """Training forward: the reconstruction (B, 3, H, W) and a dict of the raw pieces of the loss, which
+        the training loop weighs and sums (train_tokenizer.py). entropy=True computes the entropy term
+        (Sec. 3.3); semantic=False skips the decoder's layer-l features and the semantic head (a run without a
+        teacher). shortcut=True adds the official early auxiliary terms (VQVitModelPlus.forward in
+        tokenizer/tokenizer_image/vq/vq_vit_model.py): the CNN-only reconstruction CNN-dec(CNN-enc(x)) and the
+        MSE between the CNN encoder output and the transformer decoder output."""
         s = self.cnn_encoder(x)                                                          # (B, z, g, g)
         z_q, codes, losses = self.quantizer(self.to_code_space(self.encoder(s)), entropy)  # (B, N, d), (B, N)
         spatial, feat, sem = self.decoder(self.post_quant_conv(z_q), features=semantic)  # (B, z, g, g)
@@ -539,15 +581,16 @@ class Tokenizer(nn.Module):
         aux = dict(codes=codes,
                    codebook=losses.get("codebook", zero), commitment=losses.get("commitment", zero),
                    entropy=losses.get("entropy", zero),
-                   dec_feat=feat,                                  # (B, g*g, w) decoder layer-l features
-                   sem_feat=sem,                                   # (B, g*g, teacher_dim), or None without a head
+                   dec_feat=feat,                            # (B, g*g, w) decoder layer-l features
+                   sem_feat=sem,                             # (B, g*g, teacher_dim), or None without a head
                    feat_rec=F.mse_loss(spatial, s.detach()) if shortcut else None,
                    shortcut=self.cnn_decoder(s) if shortcut else None)
         return recon, aux
 
 # -----------------------------------------------------------------------------------------------------------
-# The AR model (paper Sec. 4.1; spec 5): LlamaGen's class-conditional GPT with GigaTok's learned absolute 1D
-# positions (official gpt_1d). It reads [class token, code 1, ..., code N-1] and predicts codes 1..N.
+# The AR model (paper Sec. 4.1): LlamaGen's class-conditional GPT with GigaTok's learned absolute 1D
+# positions (official autoregressive/models/gpt_1d.py). It reads [class token, code 1, ..., code N-1] and
+# predicts codes 1..N.
 
 
 @dataclass
@@ -570,8 +613,9 @@ GPT_PRESETS = {  # (official counts with vocab 16384, 1000 classes, 256 tokens)
     "gpt-l": GPTConfig(n_layer=24, n_head=16, dim=1024),    # 343.2M
     "gpt-xl": GPTConfig(n_layer=36, n_head=20, dim=1280),   # 775.0M
     "gpt-xxl": GPTConfig(n_layer=48, n_head=24, dim=1536),  # 1411.4M
-    # ours: a CPU toy, without token, residual or feed-forward dropout (it overfits less than it underfits); 3 layers,
-    # since on the 1D toy's 128 codes 4 learned no faster per step (2.15 against 2.13 nats after 800) at 1.35x the time
+    # ours: a CPU toy, without token, residual or feed-forward dropout (it overfits less than it underfits).
+    # 3 layers, since on the 1D toy's 128 codes 4 learned no faster per step and each step took longer (see
+    # EXPERIMENTS.md, "The toy AR model").
     "toy": GPTConfig(n_layer=3, n_head=4, dim=256, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),
 }
 
@@ -584,7 +628,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):  # computed in float32
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight  # back to x's dtype
+        # back to x's dtype before the weight, as LlamaGen
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
@@ -599,19 +644,20 @@ class Attention(nn.Module):
 
     def forward(self, x, start=None):
         B, T, C = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
-        # (B, T, 3, H, hd) -> (3, B, H, T, hd): one projection, split into queries, keys and values
+        # (B, T, 3, H, hd) -> (3, B, H, T, hd): one projection, split into queries, keys and values,
+        # (B, H, T, hd) each
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if start is None:                    # the whole sequence at once
             y = fp32_on_cpu(F.scaled_dot_product_attention, q, k, v, is_causal=True)
         else:                                # incremental: positions start .. start+T-1 against the cache
             kc, vc = self.cache                                                # (Bmax, H, Lmax, hd) each
             kc[:B, :, start:start + T], vc[:B, :, start:start + T] = k, v
             k, v = kc[:B, :, :start + T], vc[:B, :, :start + T]                # (B, H, start+T, hd)
-            # new position i sees cache positions <= start+i; one new position (a decoding step) sees them all, and
-            # SDPA without a mask is about 1.25x faster there (gpt-b, 256 cached positions, one CPU core)
+            # new position i sees cache positions <= start+i; one new position (a decoding step) sees them
+            # all, and SDPA without a mask is faster there (see EXPERIMENTS.md, "Speed")
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start) if T > 1 else None
             y = fp32_on_cpu(F.scaled_dot_product_attention, q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)                                             # (B, H, T, hd) -> (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)                             # (B, H, T, hd) -> (B, T, C)
         return self.resid_dropout(self.wo(y))
 
 
@@ -668,8 +714,9 @@ class GPT(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
 
     def forward(self, codes, labels, hidden_layer=None):
-        """codes (B, N), labels (B,) -> logits (B, N, vocab): logits[:, i] predicts codes[:, i]. With hidden_layer=k,
-        returns instead the hidden state after layer k (B, N, dim), for the AR linear probe."""
+        """codes (B, N), labels (B,) -> logits (B, N, vocab): logits[:, i] predicts codes[:, i]. With
+        hidden_layer=k, returns instead the hidden state after layer k (B, N, dim), for the AR linear
+        probe."""
         if self.training:
             labels = self.drop_labels(labels)
         # the class token takes position 0 and shifts the codes right by one: (B, 1 + N-1, dim)
@@ -698,9 +745,9 @@ class GPT(nn.Module):
             layer.attention.cache = None
 
     def forward_cached(self, codes, labels, start):
-        """Incremental forward through the KV cache (set up with setup_cache, eval mode). The new positions are
-        start .. start+T-1 of [class token, codes...]: pass labels (and codes=None) for the class token at
-        position 0, or codes (B, T) for positions >= 1. Returns logits (B, T, vocab) for the next codes."""
+        """Incremental forward through the KV cache (set up with setup_cache, eval mode). The new positions
+        are start .. start+T-1 of [class token, codes...]: pass labels (and codes=None) for the class token
+        at position 0, or codes (B, T) for positions >= 1. Returns logits (B, T, vocab) for the next codes."""
         if labels is not None:
             x = self.cls_embedding(labels)[:, None]  # (B, 1, dim): position 0
             if codes is not None:
@@ -725,11 +772,11 @@ CPU_FP32_ATTENTION = True  # fp32_on_cpu on; the memory plan turns it off (it co
 
 
 def fp32_on_cpu(attention, *args, **kw):
-    """attention(*args, **kw), in fp32 under a CPU autocast (--precision bf16 on a CPU): torch's CPU attention kernels
-    run slower in bf16 than in fp32 (torch 2.13, one AVX-512 BF16 core: the toy tokenizer's step 0.57 -> 0.51 s,
-    gpt-b's decoding attention over 256 cached positions 3.3 -> 0.9 ms a layer). Off the CPU, or without autocast,
+    """attention(*args, **kw), in fp32 under a CPU autocast (--precision bf16 on a CPU): torch's CPU attention
+    kernels run slower in bf16 than in fp32 (see EXPERIMENTS.md, "Speed"). Off the CPU, or without autocast,
     attention(*args, **kw) as it is; so too a module whose weights are bf16 (FSDP's gathered weights)."""
-    bf16_weights = isinstance(attention, nn.Module) and any(p.dtype != torch.float32 for p in attention.parameters())
+    bf16_weights = (isinstance(attention, nn.Module)
+                    and any(p.dtype != torch.float32 for p in attention.parameters()))
     if (args[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu") or bf16_weights
             or not CPU_FP32_ATTENTION):
         return attention(*args, **kw)
@@ -743,11 +790,12 @@ def fp32_on_cpu(attention, *args, **kw):
 
 def identity_init(tok):
     """Ours, for short runs (cfg.init == "identity", the toy); the paper presets keep the official init. With
-    trunc-normal(0.02) a small tokenizer starts as noise and sits on the mean image for hundreds of steps. Here every
-    residual branch starts at zero, so the untrained network is a chain of plain linear maps that already carries
-    the image through: torch's default init for every Linear and Conv, then zero for the last layer of each residual
-    branch (ResnetBlock.conv2, attention out_proj, MLP output), a scale of 1 in the adaptive GroupNorm, and
-    upsampling convs whose four sub-pixels start equal (ICNR: nearest-neighbour upsampling)."""
+    trunc-normal(0.02) a small tokenizer starts as noise and sits on the mean image for hundreds of steps.
+    Here every residual branch starts at zero, so the untrained network is a chain of plain linear maps that
+    already carries the image through: torch's default init for every Linear and Conv, then zero for the last
+    layer of each residual branch (ResnetBlock.conv2, attention out_proj, MLP output), a scale of 1 in the
+    adaptive GroupNorm, and upsampling convs whose four sub-pixels start equal (ICNR: nearest-neighbour
+    upsampling)."""
     for m in tok.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.reset_parameters()  # torch's default: kaiming-uniform weights, small uniform biases
@@ -763,7 +811,8 @@ def identity_init(tok):
             nn.init.ones_(m.gamma.bias)  # gamma(std(z)) starts near 1: GroupNorm alone
         if isinstance(m, Upsample):
             with torch.no_grad():
-                w, b, C = m.conv.weight, m.conv.bias, m.conv.out_channels // 4  # (4C, C, 3, 3), sub-pixel major
+                # w (4C, C, 3, 3), sub-pixel major
+                w, b, C = m.conv.weight, m.conv.bias, m.conv.out_channels // 4
                 w.copy_(w[:C].repeat(4, 1, 1, 1))  # the four sub-pixels get the same filter
                 b.copy_(b[:C].repeat(4))
 
@@ -796,7 +845,9 @@ class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = vgg16_features()
-        self.dropout = nn.Dropout(0.5)  # in the heads; active only in train mode (the official trainer's quirk)
+        # in the heads; active only in train mode, in which the official trainer keeps LPIPS
+        # (vq_loss.train() in tokenizer/tokenizer_image/vq/vq_train.py)
+        self.dropout = nn.Dropout(0.5)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.channels)
         self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
@@ -827,11 +878,13 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
                                                       weights_only=True)
         except Exception as e:  # offline, a missing or broken file: one line that says what failed
             reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
-            raise RuntimeError(f"could not load the {what} from {path or url} ({type(e).__name__}: {reason})") from None
+            raise RuntimeError(f"could not load the {what} from {path or url} "
+                               f"({type(e).__name__}: {reason})") from None
     vgg = get(vgg_path, VGG16_URL, "VGG16 ImageNet weights")
     lin = get(lin_path, LPIPS_LIN_URL, "LPIPS linear heads")
     # conv layers up to relu5_3
-    sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS.taps[-1]}
+    sd = {k: v for k, v in vgg.items()
+          if k.startswith("features.") and int(k.split(".")[1]) <= LPIPS.taps[-1]}
     for i in range(5):
         sd[f"lins.{i}.weight"] = lin[f"lin{i}.model.1.weight"]  # (1, C, 1, 1) channel weights
     lpips.load_state_dict(sd, strict=True)
@@ -839,7 +892,8 @@ def load_lpips(lpips, vgg_path=None, lin_path=None):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator (pix2pix; official NLayerDiscriminator): 256x256 image -> 30x30 logits."""
+    """PatchGAN discriminator (pix2pix; official NLayerDiscriminator in
+    tokenizer/tokenizer_image/discriminator_patchgan.py): 256x256 image -> 30x30 logits."""
     def __init__(self, in_ch=3, ndf=64, n_layers=3):
         super().__init__()
         layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
@@ -847,8 +901,8 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2 ** n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
-                       nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))  # one logit per patch
         self.main = nn.Sequential(*layers)
         for m in self.modules():
@@ -881,7 +935,8 @@ OFFICIAL_TOKENIZER_NAMES = [
     (r"^s2to1encoder\.global_proj\.", "encoder.query_proj."),
     (r"^s2dencoder\.positional_embedding$", "encoder.pos"),
     (r"^(s2to1encoder|s2dencoder)\.encoder_embed\.", "encoder.embed."),
-    (r"^(s2to1encoder|s2dencoder)\.conv_out\.", "encoder.proj_out."),          # a 1x1 conv there, a Linear here
+    # a 1x1 conv there, a Linear here
+    (r"^(s2to1encoder|s2dencoder)\.conv_out\.", "encoder.proj_out."),
     (r"^(s2to1encoder|s2dencoder)\.", "encoder."),
     (r"^s1to2decoder\.positional_embedding$", "decoder.pos_query"),
     (r"^s1to2decoder\.latent_token_positional_embedding$", "decoder.pos_latent"),
@@ -945,7 +1000,8 @@ def read_checkpoint(path_or_state):
 
 
 def _state_dict_of(ckpt):
-    """-> (state dict, our config dict or None). EMA weights win over the raw ones, as in the official eval."""
+    """-> (state dict, our config dict or None). EMA weights win over the raw ones, as in the official eval
+    (tokenizer/tokenizer_image/reconstruction_ddp.py)."""
     if "model" in ckpt or "ema" in ckpt:
         sd = ckpt.get("ema") or ckpt["model"]
         config = ckpt.get("config")
@@ -969,23 +1025,25 @@ def _rename(sd, rules, layer_rules=()):
                 break
         for pattern, repl in layer_rules:
             new = re.sub(pattern, repl, new)
-        # positional tables: the official code keeps them sequence-first
-        if (new.split(".")[-1].startswith("pos") or new == "decoder.q_2d") and t.dim() == 3:  # (L, 1, C) -> (L, C)
+        # positional tables: the official code keeps them sequence-first, (L, 1, C) -> (L, C)
+        if (new.split(".")[-1].startswith("pos") or new == "decoder.q_2d") and t.dim() == 3:
             t = t.squeeze(1)
         if re.fullmatch(r"(quant_conv|post_quant_conv|encoder\.proj_out)\.weight", new) and t.dim() == 4:
-            t = t.flatten(1)                                     # 1x1 conv (out, in, 1, 1) -> Linear (out, in)
+            t = t.flatten(1)                           # 1x1 conv (out, in, 1, 1) -> Linear (out, in)
         out[new] = (name, t)
     return out
 
 
 def _overlay(cfg, config, section):
     """cfg with the fields that our checkpoint's config dict sets: config[section] when the trainer nested it
-    there (train_ar.py writes {"gpt": ..., "train": ...}), else the top level. Fields not in cfg are ignored."""
+    there (train_ar.py writes {"gpt": ..., "train": ...}), else the top level. Fields not in cfg are
+    ignored."""
     if not config:
         return cfg
     sub = config.get(section) if isinstance(config.get(section), dict) else config  # nested or flat
     fields = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items() if k in fields})
+    return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in sub.items() if k in fields})
 
 
 def _load_strict(model, named, source):
@@ -1003,7 +1061,8 @@ def _load_strict(model, named, source):
                          + (f"\n  missing: {show(missing)}" if missing else "")
                          + (f"\n  unused: {show(unused)}" if unused else "")
                          + (f"\n  wrong shape: {show(wrong)}" if wrong else ""))
-    model.load_state_dict({k: t for k, (_, t) in named.items()}, strict=True)  # nothing missing, nothing left over
+    # nothing missing, nothing left over
+    model.load_state_dict({k: t for k, (_, t) in named.items()}, strict=True)
     return model.eval()
 
 
@@ -1018,20 +1077,26 @@ def _transformer_size(sd, prefix):
     for name, (w, d, _) in TRANSFORMER_SIZES.items():
         if (w, d) == (width, depth):
             return name
-    raise ValueError(f"{prefix}: no transformer size has width {width} and depth {depth}: {TRANSFORMER_SIZES}")
+    raise ValueError(f"{prefix}: no transformer size has width {width} and depth {depth}: "
+                     f"{TRANSFORMER_SIZES}")
 
 
 def tokenizer_config_from_shapes(sd):
-    """The architecture read off the tensor shapes (our names); the fields the shapes cannot tell (init, norm groups ...)
-    come from the preset with that architecture."""
+    """The architecture read off the tensor shapes (our names); the fields the shapes cannot tell (init, norm
+    groups ...) come from the preset with that architecture."""
     kind = "1d" if "encoder.pos_query" in sd else "2d"  # only the Q-Former has latent queries
     ch = sd["cnn_encoder.conv_in.weight"].shape[0]
     levels = _index_count(sd, "cnn_encoder.down.", 2)  # CNN levels = len(ch_mult)
     head = sd.get("decoder.semantic_head.4.weight")
-    arch = dict(kind=kind, encoder_size=_transformer_size(sd, "encoder"), decoder_size=_transformer_size(sd, "decoder"),
-                layer_type="vit" if kind == "2d" and "encoder.layers.0.cross_attn.in_proj_weight" not in sd else "detr",
-                image_size=math.isqrt(sd["decoder.pos_query" if kind == "1d" else "encoder.pos"].shape[0]) * 2 ** (levels - 1),
-                ch=ch, ch_mult=tuple(sd[f"cnn_encoder.down.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+    arch = dict(kind=kind, encoder_size=_transformer_size(sd, "encoder"),
+                decoder_size=_transformer_size(sd, "decoder"),
+                layer_type=("vit" if kind == "2d" and "encoder.layers.0.cross_attn.in_proj_weight" not in sd
+                            else "detr"),
+                image_size=(math.isqrt(sd["decoder.pos_query" if kind == "1d" else "encoder.pos"].shape[0])
+                            * 2 ** (levels - 1)),
+                ch=ch,
+                ch_mult=tuple(sd[f"cnn_encoder.down.{i}.res.0.conv1.weight"].shape[0] // ch
+                              for i in range(levels)),
                 num_res_blocks=_index_count(sd, "cnn_encoder.down.0.res.", 4),
                 z_channels=sd["encoder.ln_pre.weight"].shape[0],
                 codebook_size=sd["quantizer.embedding.weight"].shape[0],
@@ -1039,7 +1104,9 @@ def tokenizer_config_from_shapes(sd):
                 teacher_dim=head.shape[0] if head is not None else 0)
     if "decoder.q_2d" in sd:
         arch["query_init_2d"] = "learnable"
-    arch["num_latent_tokens"] = sd["encoder.pos_query"].shape[0] if kind == "1d" else sd["encoder.pos"].shape[0]  # N
+    # N: one positional row per latent token
+    arch["num_latent_tokens"] = (sd["encoder.pos_query"].shape[0] if kind == "1d"
+                                 else sd["encoder.pos"].shape[0])
     for preset in TOKENIZER_PRESETS.values():  # the semantic head may have been stripped: not compared
         if all(getattr(preset, k) == v for k, v in arch.items() if k not in ("teacher_dim", "query_init_2d")):
             return dataclasses.replace(preset, **arch)
@@ -1059,9 +1126,11 @@ def load_tokenizer(path_or_state, device="cpu"):
     else:
         raise ValueError(f"not a tokenizer checkpoint; its first names: {list(sd)[:5]}")
     try:
-        cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})  # our names, official tensors
+        # our names, official tensors
+        cfg = tokenizer_config_from_shapes({k: t for k, (_, t) in named.items()})
     except KeyError as e:
-        raise ValueError(f"{source} tokenizer checkpoint lacks {e}, needed to read its configuration") from None
+        raise ValueError(f"{source} tokenizer checkpoint lacks {e}, "
+                         f"needed to read its configuration") from None
     if source == "official GigaTok":  # not in the shapes: the official code has 32 groups and its own init
         cfg = dataclasses.replace(cfg, norm_groups=32, init="official",
                                   query_init_2d="learnable" if "decoder.q_2d" in named else "token0")
@@ -1070,9 +1139,9 @@ def load_tokenizer(path_or_state, device="cpu"):
 
 
 def load_gpt(path_or_state, device="cpu"):
-    """GPT from one of our checkpoints or an official GigaTok AR one (gpt_1d: learned absolute positions), in eval
-    mode, loaded strictly (see load_tokenizer). Heads are not visible in the shapes: they come from the preset
-    of that width and depth (every official size has 64-d heads)."""
+    """GPT from one of our checkpoints or an official GigaTok AR one (gpt_1d: learned absolute positions), in
+    eval mode, loaded strictly (see load_tokenizer). Heads are not visible in the shapes: they come from the
+    preset of that width and depth (every official size has 64-d heads)."""
     sd, config = _state_dict_of(read_checkpoint(path_or_state))
     if "cls_embedding.embedding_table.weight" in sd:
         source, named = "official GigaTok", _rename(sd, OFFICIAL_GPT_NAMES)
