@@ -1,15 +1,17 @@
 """
-What every script runs on: the command line, the processes and devices, checkpoints, logs, and the steps that
-both trainers share (the learning-rate schedule, resume, wrapping: activation checkpointing, FSDP, compile, DDP;
-the optimizer step), and the memory plan.
+What every script runs on: the command line, the processes and devices, checkpoints, logs, and the steps
+that both trainers share (the learning-rate schedule, resume, wrapping: activation checkpointing, FSDP,
+compile, DDP; the optimizer step), and the memory plan.
 
     parse_config(cfg)                  dataclass defaults <- command line (--field-name value), --help
     setup(cfg) -> (rank, world, device)  torchrun -> one process per device (DDP), else one plain process
     keep_freed_memory()                glibc keeps freed blocks for reuse (setup calls it; CPU speed)
     barrier(), all_reduce(t), cleanup_distributed()
-    micro_batch(cfg, world), precision_for / autocast_for(precision, device)   the per-process batch, the precision
+    micro_batch(cfg, world)            the per-process batch
+    precision_for / autocast_for(precision, device)   the precision
     get_lr(step, ...)                  linear warmup, then cosine or WSD
-    resume(path, parts, ...), build(make, ...), wrap(model, ...) (checkpointing, FSDP, compile, DDP), grad_sync(...)
+    resume(path, parts, ...), build(make, ...), grad_sync(...)
+    wrap(model, ...)                   checkpointing, FSDP, compile, DDP
     save_checkpoint(obj, path), save(path, parts, ...), optimizer_step(...)
     Logger(out_dir, master)(step, **numbers), write_json(path, obj), read_json(path)
     fake_modules(make), memory_plan(...), describe_plan(...), plan_only(cfg, plan)   what a run will hold
@@ -65,7 +67,8 @@ def field_help(cls):
 
 
 def _field_type(default):
-    """argparse's type for a field: bools read true/false (yes/no, on/off, 1/0), tuples a comma-separated list."""
+    """argparse's type for a field: bools read true/false (yes/no, on/off, 1/0), tuples a comma-separated
+    list."""
     def convert(text):
         if isinstance(default, bool):
             if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -74,7 +77,8 @@ def _field_type(default):
         if isinstance(default, tuple):  # an empty default holds strings
             return tuple(type(default[0] if default else "")(t) for t in text.split(",") if t)
         return type(default)(text)
-    convert.__name__ = "true/false" if isinstance(default, bool) else type(default).__name__  # named in errors
+    # the name argparse's errors give the type
+    convert.__name__ = "true/false" if isinstance(default, bool) else type(default).__name__
     return convert
 
 
@@ -90,7 +94,8 @@ class UserError(SystemExit):
 
 
 def check(cfg, rules):
-    """rules: (ok, field, what is valid) triples; the first that fails is a UserError naming the flag and value."""
+    """rules: (ok, field, what is valid) triples; the first that fails is a UserError naming the flag and its
+    value."""
     for ok, field, valid in rules:
         if not ok:  # the first broken rule is the one reported
             raise UserError(f"--{field.replace('_', '-')} {getattr(cfg, field)!r}: {valid}")
@@ -125,28 +130,30 @@ def parse_config(cfg, argv=None):
         default = getattr(cfg, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
         bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}     # a bare --flag is true
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_type(default), default=default,
-                            metavar=type(default).__name__, help=f"{doc.get(f.name, '')} (default {shown})"
-                            .replace("%", "%%"), **bare)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_type(default),
+                            default=default, metavar=type(default).__name__,
+                            help=f"{doc.get(f.name, '')} (default {shown})".replace("%", "%%"), **bare)
     # unknown flags and bad values exit here with status 2
     return dataclasses.replace(cfg, **vars(parser.parse_args(argv)))
 
 # -----------------------------------------------------------------------------------------------------------
-# Processes and devices (nanoGPT's idiom): no RANK in the environment -> one plain process; under torchrun ->
-# one process per device, DDP over nccl (CUDA) or gloo (CPU). Multi-node is torchrun's business (--nnodes ...).
+# Processes and devices (nanoGPT's idiom): no RANK in the environment -> one plain process; under torchrun
+# -> one process per device, DDP over nccl (CUDA) or gloo (CPU). Multi-node is torchrun's business
+# (--nnodes ...).
 
 def setup(cfg, tf32=False):
-    """-> (rank, world size, device) for a config with `device` and `threads` fields. device "" picks cuda, then
-    mps, then cpu. Under torchrun each process takes the GPU of its LOCAL_RANK (so the local rank is device.index).
-    threads > 0 sets torch's CPU threads (0 leaves torch's default: OMP_NUM_THREADS, or the cores it may use).
-    tf32=True lets CUDA matmuls and convolutions use TF32 (the official trainers do)."""
+    """-> (rank, world size, device) for a config with `device` and `threads` fields. device "" picks cuda,
+    then mps, then cpu. Under torchrun each process takes the GPU of its LOCAL_RANK (so the local rank is
+    device.index). threads > 0 sets torch's CPU threads (0 leaves torch's default: OMP_NUM_THREADS, or the
+    cores it may use). tf32=True lets CUDA matmuls and convolutions use TF32 (the official trainers do)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()
     if tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else
-                            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    device = cfg.device or ("cuda" if torch.cuda.is_available()
+                            else "mps" if getattr(torch.backends, "mps", None)
+                            and torch.backends.mps.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     # set by torchrun
@@ -157,10 +164,11 @@ def setup(cfg, tf32=False):
     else:
         dev = torch.device(device)
     if not dist.is_initialized():
-        # gloo: CPU processes (the CI's tests). A collective that waits longer than `timeout` ends the run (NCCL's
-        # watchdog, 10 minutes by default): the processes wait at barriers behind long work of one or some of them
-        # (rank 0 writing a multi-GB checkpoint, downloading the helpers; train_ar.py's code extraction), so 2 hours.
-        # device_id binds the process group to this GPU at once (NCCL's communicator is made eagerly).
+        # gloo: CPU processes (the CI's tests). A collective that waits longer than `timeout` ends the run
+        # (NCCL's watchdog, 10 minutes by default): the processes wait at barriers behind long work of one or
+        # some of them (rank 0 writing a multi-GB checkpoint, downloading the helpers; train_ar.py's code
+        # extraction), so 2 hours. device_id binds the process group to this GPU at once (NCCL's communicator
+        # is made eagerly).
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                                 device_id=dev if dev.type == "cuda" else None)
     return rank, world, dev
@@ -186,13 +194,14 @@ def everywhere(flag):
 
 
 def keep_freed_memory():
-    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the OS at once. By default a
-    block above its mmap threshold (128 KiB, rising to at most 32 MiB) is mapped fresh on every allocation and
-    unmapped on free, so each step's activations page-fault their memory in again: a third of the CPU time of an
-    s-s training step here (shared/notes/cpu-performance.md). With mmap off and a 1 GiB trim threshold, CPU steps
-    measured 6-22% faster, for at most about the largest step's activations of extra RSS. A no-op off glibc, and
-    when the user has set MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_ (theirs win)."""
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
+    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the OS at once. By
+    default a block above its mmap threshold (128 KiB, rising to at most 32 MiB) is mapped fresh on every
+    allocation and unmapped on free, so each step's activations page-fault their memory in again. With mmap
+    off and a 1 GiB trim threshold, CPU steps are faster (EXPERIMENTS.md, "Speed"), for at most about the
+    largest step's activations of extra RSS. A no-op off glibc, and when the user has set MALLOC_MMAP_MAX_ or
+    MALLOC_TRIM_THRESHOLD_ (theirs win)."""
+    if not sys.platform.startswith("linux") or any(
+            k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -216,8 +225,8 @@ def all_reduce(t, op="sum"):
 
 
 def cleanup_distributed():
-    """Every process reaches this point before any tears its connections down: a gloo process destroying its group
-    while a peer is still mid-collective was seen to abort at exit ("terminate called without an active
+    """Every process reaches this point before any tears its connections down: a gloo process destroying its
+    group while a peer is still mid-collective was seen to abort at exit ("terminate called without an active
     exception")."""
     if dist.is_initialized():
         dist.barrier()
@@ -243,20 +252,21 @@ def precision_for(precision, device):
 
 
 def native_bf16():
-    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX). Without it, oneDNN emulates bf16: on an
-    AVX2 machine a bf16 3x3 convolution took 4.3 s against 17 ms in fp32 (README "Speed"). torch's checks are
-    private; a torch without them counts as no."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX). Without it, oneDNN emulates bf16,
+    many times slower than fp32 (EXPERIMENTS.md, "Speed"). torch's checks are private; a torch without them
+    counts as no."""
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def autocast_for(precision, device, planning=False):
-    """-> (precision name, autocast context), the name from precision_for; fp16 needs the GradScaler (the trainers
-    make one, enabled for fp16 only). bf16 on a CPU needs native_bf16(); planning=True: a CPU stand-in for a plan's
-    device (fake tensors, no kernels run), where this CPU's own bf16 does not matter."""
+    """-> (precision name, autocast context), the name from precision_for; fp16 needs the GradScaler (the
+    trainers make one, enabled for fp16 only). bf16 on a CPU needs native_bf16(); planning=True: a CPU
+    stand-in for a plan's device (fake tensors, no kernels run), where this CPU's own bf16 does not matter."""
     precision = precision_for(precision, device)
     if precision == "bf16" and device.type == "cpu" and not planning and not native_bf16():
-        raise UserError("--precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 runs tens to "
-                        "hundreds of times slower than fp32; use --precision fp32")
+        raise UserError("--precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 "
+                        "runs tens to hundreds of times slower than fp32; use --precision fp32")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=None)[precision]  # fp32: no autocast at all
     return precision, (torch.autocast(device.type, dtype) if dtype else nullcontext())
 
@@ -314,10 +324,10 @@ def same(a, b):
 
 def resume(path, parts, identity, train, master):
     """Continue a run: fill each of `parts` ({checkpoint key: module, or (module, its optimizer)}) from the
-    checkpoint at path and return its step, or 0 when there is none. identity ({config key: value}) is what must
-    not change (the model's architecture, the codes it learns): a checkpoint made with another is refused.
-    Training fields (batch size, lr ...) may change; the changed ones are named in a note. The checkpoint is read
-    to CPU and freed here."""
+    checkpoint at path and return its step, or 0 when there is none. identity ({config key: value}) is what
+    must not change (the model's architecture, the codes it learns): a checkpoint made with another is
+    refused. Training fields (batch size, lr ...) may change; the changed ones are named in a note. The
+    checkpoint is read to CPU and freed here."""
     if not on_rank0(os.path.exists(path)):  # rank 0 decides: every process resumes, or none
         return 0
     try:
@@ -332,10 +342,12 @@ def resume(path, parts, identity, train, master):
             fields = [f"{k} {short(theirs.get(k))} -> {short(v)}" for k, v in value.items()
                       if not same(theirs.get(k), v)] \
                 if isinstance(value, dict) and isinstance(theirs, dict) else []
-            raise UserError(f"{path} was made with another {key.replace('_', ' ')}" + (f" ({', '.join(fields)})"
-                            if fields else "") + ": pass --fresh, or another --out-dir")
+            raise UserError(f"{path} was made with another {key.replace('_', ' ')}"
+                            + (f" ({', '.join(fields)})" if fields else "")
+                            + ": pass --fresh, or another --out-dir")
     for key, part in parts.items():
-        if ckpt.get(key):  # a GradScaler's state: {} when it was off (fp32), absent in older checkpoints
+        # a GradScaler's state is {} when it was off (fp32), and absent in older checkpoints
+        if ckpt.get(key):
             load_state_dict(part, ckpt[key])  # copies into the module's (device) tensors, or their shards
     changed = {k: v for k, v in ckpt["config"].get("train", {}).items() if not same(v, train.get(k, v))}
     if changed and master:
@@ -347,34 +359,38 @@ def resume(path, parts, identity, train, master):
 
 
 def blocks(net):
-    """The units that FSDP shards and activation checkpointing recomputes, one at a time: every transformer block
-    and every CNN resolution level of a Tokenizer, every block of a GPT. What is left (embeddings, norms, the
-    quantizer, the CNN's middle blocks, the heads) belongs to the root unit."""
+    """The units that FSDP shards and activation checkpointing recomputes, one at a time: every transformer
+    block and every CNN resolution level of a Tokenizer, every block of a GPT. What is left (embeddings,
+    norms, the quantizer, the CNN's middle blocks, the heads) belongs to the root unit."""
     if isinstance(net, model.Tokenizer):
         return [*net.cnn_encoder.down, *net.encoder.layers, *net.decoder.layers, *net.cnn_decoder.up]
     return list(net.layers)
 
 
 def checkpoint_blocks(net):
-    """Activation checkpointing: each of blocks(net) keeps only its inputs in the forward and runs again in the
-    backward (torch.utils.checkpoint, non-reentrant; the RNG state is replayed, so dropout masks repeat). The
-    original forward is wrapped on the instance: no wrapper module, the state-dict names do not change."""
+    """Activation checkpointing: each of blocks(net) keeps only its inputs in the forward and runs again in
+    the backward (torch.utils.checkpoint, non-reentrant; the RNG state is replayed, so dropout masks repeat).
+    The original forward is wrapped on the instance: no wrapper module, the state-dict names do not change."""
     for block in blocks(net):
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                          use_reentrant=False)
 
 
 def shard(net, precision):
-    """FSDP2 in place: each of blocks(net) one unit, then the root (the rest). A unit's parameters, gradients and
-    AdamW moments live as 1/world shards (DTensors, dim 0); its full weights are all-gathered just before its
-    forward (and again for its backward) and freed after; gradients are reduce-scattered (averaged). bf16: the
-    gathered weights are bf16 copies, the gradients reduced in fp32 (the fp32 shards stay the master weights)."""
+    """FSDP2 in place: each of blocks(net) one unit, then the root (the rest). A unit's parameters, gradients
+    and AdamW moments live as 1/world shards (DTensors, dim 0); its full weights are all-gathered just before
+    its forward (and again for its backward) and freed after; gradients are reduce-scattered (averaged). bf16:
+    the gathered weights are bf16 copies, the gradients reduced in fp32 (the fp32 shards stay the master
+    weights)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()  # fp32 (CPU): no casts
     for block in blocks(net):
         fully_shard(block, mp_policy=mp)
-    if isinstance(net, model.Tokenizer):  # the code choice in float32 (Tokenizer.to_code_space): one unit whose
-        fully_shard([net.quant_conv, net.quantizer])  # weights are gathered as they are (fp32), not in bf16
+    if isinstance(net, model.Tokenizer):
+        # the code choice in float32 (Tokenizer.to_code_space): one unit whose weights are gathered as they
+        # are (fp32), not in bf16
+        fully_shard([net.quant_conv, net.quantizer])
         register_fsdp_forward_method(net.quantizer, "lookup")  # decode's codebook lookup gathers it too
     fully_shard(net, mp_policy=mp)
     # the tokenizer returns views (its codes); nothing modifies them in place, which is what FSDP warns of
@@ -385,10 +401,10 @@ def shard(net, precision):
 
 
 def reshard(net):
-    """FSDP: free every unit's gathered weights. The root unit stays gathered after a forward without gradients
-    (torch/distributed/fsdp/_fully_shard/_fsdp_state.py, _lazy_init: no reshard after forward for the root), and
-    the next forward reuses what was gathered instead of reading the shards: after weights are written into the
-    shards (EMA.applied), the gathered copies must go. A no-op unsharded."""
+    """FSDP: free every unit's gathered weights. The root unit stays gathered after a forward without
+    gradients (torch/distributed/fsdp/_fully_shard/_fsdp_state.py, _lazy_init: no reshard after forward for
+    the root), and the next forward reuses what was gathered instead of reading the shards: after weights are
+    written into the shards (EMA.applied), the gathered copies must go. A no-op unsharded."""
     from torch.distributed.fsdp import FSDPModule
     for m in net.modules():
         if isinstance(m, FSDPModule):
@@ -401,13 +417,13 @@ def is_sharded(net):
 
 
 def build(make, cfg, world, rank, device):
-    """The model to train: make() (its init seeded by the caller), on `device`. Under FSDP over several processes
-    only rank 0 builds it in memory (on the CPU, the init a plain run gets) and the others on the meta device (no
-    memory, no init); wrap() then gives each process its shard of rank 0's weights, one tensor at a time. Host
-    memory at start-up: one whole model on rank 0 (as a plain run), a shard on each of the others, instead of a
-    whole model in every process. (Why not on the meta device everywhere: the official init draws its truncated
-    normals by rejection sampling, so the values a tensor gets depend on every draw before it, and only a
-    process that builds the whole model in order gets exactly the plain run's init.)"""
+    """The model to train: make() (its init seeded by the caller), on `device`. Under FSDP over several
+    processes only rank 0 builds it in memory (on the CPU, the init a plain run gets) and the others on the
+    meta device (no memory, no init); wrap() then gives each process its shard of rank 0's weights, one tensor
+    at a time. Host memory at start-up: one whole model on rank 0 (as a plain run), a shard on each of the
+    others, instead of a whole model in every process. (Why not on the meta device everywhere: the official
+    init draws its truncated normals by rejection sampling, so the values a tensor gets depend on every draw
+    before it, and only a process that builds the whole model in order gets exactly the plain run's init.)"""
     if not (cfg.fsdp and world > 1):
         return make().to(device)
     if rank == 0:
@@ -417,20 +433,22 @@ def build(make, cfg, world, rank, device):
 
 
 def broadcast(tensors):
-    """Rank 0's values of `tensors` (a module's parameters or buffers) in every process; a no-op in one process."""
+    """Rank 0's values of `tensors` (a module's parameters or buffers) in every process; a no-op in one
+    process."""
     if dist.is_initialized():
         for t in tensors:
             dist.broadcast(t.data, 0)
 
 
 def fill_from_rank0(net, full, device):
-    """Every parameter and buffer of `net` (sharded, or whole) from rank 0's {name: full tensor}, which empties as
-    it goes: one tensor is broadcast at a time and each process keeps its shard of it, so that rank 0 holds its
-    whole model or the shards, never both, and the others a shard and one tensor."""
+    """Every parameter and buffer of `net` (sharded, or whole) from rank 0's {name: full tensor}, which
+    empties as it goes: one tensor is broadcast at a time and each process keeps its shard of it, so that rank
+    0 holds its whole model or the shards, never both, and the others a shard and one tensor."""
     from torch.distributed.tensor import distribute_tensor
     for name, t in [*net.named_parameters(), *net.named_buffers()]:  # the same order in every process
         # rank 0 sends its tensor (and drops its own copy), the others receive into a buffer of the full shape
-        value = full.pop(name).to(device) if dist.get_rank() == 0 else torch.empty(t.shape, dtype=t.dtype, device=device)
+        value = (full.pop(name).to(device) if dist.get_rank() == 0
+                 else torch.empty(t.shape, dtype=t.dtype, device=device))
         dist.broadcast(value, 0)
         if isinstance(t, DTensor):  # this process's shard of it (FSDP2's dim-0 chunks), cut locally
             value = distribute_tensor(value, t.device_mesh, t.placements, src_data_rank=None).to_local()
@@ -440,40 +458,47 @@ def fill_from_rank0(net, full, device):
 
 
 def wrap(net, cfg, world, device, precision="fp32", find_unused=False):
-    """The module to train with: `net` with activation checkpointing (cfg.checkpointing), sharded in place (cfg.fsdp,
-    several processes; compiled block by block before), or wrapped in DDP when there are several processes and no
-    FSDP, and then compiled (cfg.compile).
-    Build the optimizer after this (FSDP replaces the parameters by their shards). Save and evaluate through `net`
-    itself (its state dict has no wrapper prefixes)."""
+    """The module to train with: `net` with activation checkpointing (cfg.checkpointing), sharded in place
+    (cfg.fsdp, several processes; compiled block by block before), or wrapped in DDP when there are several
+    processes and no FSDP, and then compiled (cfg.compile). Build the optimizer after this (FSDP replaces the
+    parameters by their shards). Save and evaluate through `net` itself (its state dict has no wrapper
+    prefixes)."""
     if cfg.checkpointing:
         checkpoint_blocks(net)
     sharded = cfg.fsdp and world > 1  # one process: nothing to shard, a plain run
-    if cfg.compile and sharded:  # each block's forward compiled, FSDP's gathers and frees outside the graphs
-        for block in blocks(net):  # (compiling the sharded module would break its graph at every unit's hooks)
+    # each block's forward compiled, FSDP's gathers and frees outside the graphs (compiling the sharded
+    # module would break its graph at every unit's hooks)
+    if cfg.compile and sharded:
+        for block in blocks(net):
             block.forward = torch.compile(block.forward)
     if sharded:
-        # rank 0's weights (the others built theirs on the meta device: see build), handed out one tensor at a time
-        full = {k: t.detach() for k, t in [*net.named_parameters(), *net.named_buffers()]} if dist.get_rank() == 0 else {}
+        # rank 0's weights (the others built theirs on the meta device: see build), handed out one tensor at
+        # a time
+        full = ({k: t.detach() for k, t in [*net.named_parameters(), *net.named_buffers()]}
+                if dist.get_rank() == 0 else {})
         shard(net.to("meta"), precision)  # every process: meta shards ...
         net.to_empty(device=device)       # ... given memory (uninitialized) ...
         fill_from_rank0(net, full, device)  # ... and rank 0's values
     if world > 1 and not cfg.fsdp:
         # all-reduces gradients in backward; the gradients are views into DDP's buckets (no second copy)
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                                        else None, find_unused_parameters=find_unused,
-                                                        gradient_as_bucket_view=True)
-    if cfg.compile and not sharded:  # DDP wrapped first, then compiled: dynamo splits the graph at DDP's bucket
-        net = torch.compile(net)     # boundaries (DDPOptimizer, torch/_dynamo/backends/distributed.py), so that
-    return net                       # the all-reduces overlap the backward
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused, gradient_as_bucket_view=True)
+    # DDP wrapped first, then compiled: dynamo splits the graph at DDP's bucket boundaries (DDPOptimizer,
+    # torch/_dynamo/backends/distributed.py), so that the all-reduces overlap the backward
+    if cfg.compile and not sharded:
+        net = torch.compile(net)
+    return net
 
 
 def grad_sync(net, sync):
-    """The context of a micro-step's forward. DDP: gradients are all-reduced only when sync (the last micro-step of
-    an optimizer step), before that they accumulate locally (no_sync()). FSDP reduce-scatters every micro-step
-    into the sharded gradients, which then accumulate: without the sync, FSDP2 would keep each unit's whole
-    gradient, unsharded and in fp32, across the micro-steps (torch/distributed/fsdp/_fully_shard/_fsdp_param.py,
-    to_accumulated_grad_if_needed), a whole model's fp32 gradients per process; the cost is one more
-    reduce-scatter per unit and micro-step, which overlaps the backward as the last one does."""
+    """The context of a micro-step's forward. DDP: gradients are all-reduced only when sync (the last
+    micro-step of an optimizer step), before that they accumulate locally (no_sync()). FSDP reduce-scatters
+    every micro-step into the sharded gradients, which then accumulate: without the sync, FSDP2 would keep
+    each unit's whole gradient, unsharded and in fp32, across the micro-steps
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, to_accumulated_grad_if_needed), a whole model's fp32
+    gradients per process; the cost is one more reduce-scatter per unit and micro-step, which overlaps the
+    backward as the last one does."""
     net = getattr(net, "_orig_mod", net)  # seen through torch.compile's wrapper
     if isinstance(net, torch.nn.parallel.DistributedDataParallel):
         return nullcontext() if sync else net.no_sync()
@@ -481,16 +506,17 @@ def grad_sync(net, sync):
 
 
 def adamw(params, cfg, device, precision):
-    """-> AdamW with the run's lr, betas and weight decay (params: tensors, or groups that set their own decay), fused
-    into one kernel for all tensors on CUDA (as nanoGPT), and the GradScaler that fp16 needs (a no-op otherwise)."""
+    """-> AdamW with the run's lr, betas and weight decay (params: tensors, or groups that set their own
+    decay), fused into one kernel for all tensors on CUDA (as nanoGPT), and the GradScaler that fp16 needs (a
+    no-op otherwise)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     return opt, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def optimizer_step(optimizer, scaler, params, clip, average=False):
-    """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the norm.
-    A non-finite norm (a NaN or inf loss or gradient) skips the update: the caller counts it (BadSteps).
+    """Unscale (fp16), clip the gradient norm to `clip`, step, update the scaler, zero the gradients -> the
+    norm. A non-finite norm (a NaN or inf loss or gradient) skips the update: the caller counts it (BadSteps).
     average=True first averages the gradients over the processes (for a module that DDP does not wrap)."""
     params = list(params)
     if average and dist.is_initialized():
@@ -499,7 +525,8 @@ def optimizer_step(optimizer, scaler, params, clip, average=False):
                 all_reduce(p.grad).div_(dist.get_world_size())
     scaler.unscale_(optimizer)  # fp16: the gradients back to their true scale before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # the total norm before clipping
-    if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards (a replicated DTensor), not one shard's
+    # FSDP: the norm over all shards (a replicated DTensor), not one shard's
+    if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     if scaler.is_enabled() or torch.isfinite(grad_norm):       # (one host sync per step)
         scaler.step(optimizer)  # fp16: skipped if the gradients overflowed
@@ -509,11 +536,12 @@ def optimizer_step(optimizer, scaler, params, clip, average=False):
 
 
 class BadSteps:
-    """Counts the optimizer steps that a non-finite gradient norm skipped (see optimizer_step); `limit` of them in a
-    row stop the run with a clear message, leaving the last good checkpoint as it is. fp16: a step that the
-    GradScaler skipped while its scale is still above 1 is not counted: the loss scale starts at 2^16 and halves
-    on each overflow of the scaled gradients, which says that the scale is too large, not that the gradients are
-    bad (a loss that is NaN at any scale drives the scale below 1 within ~17 steps, and is then counted)."""
+    """Counts the optimizer steps that a non-finite gradient norm skipped (see optimizer_step); `limit` of
+    them in a row stop the run with a clear message, leaving the last good checkpoint as it is. fp16: a step
+    that the GradScaler skipped while its scale is still above 1 is not counted: the loss scale starts at 2^16
+    and halves on each overflow of the scaled gradients, which says that the scale is too large, not that the
+    gradients are bad (a loss that is NaN at any scale drives the scale below 1 within ~17 steps, and is then
+    counted)."""
     def __init__(self, limit, ckpt_path):
         self.limit, self.ckpt_path, self.total, self.in_row = limit, ckpt_path, 0, 0
 
@@ -523,9 +551,9 @@ class BadSteps:
             return  # the scaler calibrating (get_scale: the scale after update(), halved for this step)
         self.total, self.in_row = self.total + (not finite), 0 if finite else self.in_row + 1
         if self.limit and self.in_row >= self.limit:
-            raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for {self.in_row} "
-                             f"steps in a row (lower --lr, or check the data); the last good checkpoint is "
-                             f"{self.ckpt_path}, and rerunning the command continues from it")
+            raise SystemExit(f"stopped at step {step}: the loss or its gradients were not finite for "
+                             f"{self.in_row} steps in a row (lower --lr, or check the data); the last good "
+                             f"checkpoint is {self.ckpt_path}, and rerunning the command continues from it")
 
 
 class Interrupt:
@@ -560,16 +588,18 @@ class Interrupt:
 
 
 class EMA:
-    """An exponential moving average of a module's weights (official --ema; DiT's update_ema): after each optimizer
-    step, avg <- decay * avg + (1 - decay) * weights. The average starts from the weights after the first step
-    (or a resumed run's saved average) and is a copy of each parameter (its shard under FSDP). To be evaluated or
-    saved it is swapped into the module: `with ema.applied(): ...`. In a checkpoint it is the module's full state
-    dict with the averaged weights, under "ema", which model.load_tokenizer prefers, as the official scripts do."""
+    """An exponential moving average of a module's weights (official --ema; DiT's update_ema): after each
+    optimizer step, avg <- decay * avg + (1 - decay) * weights. The average starts from the weights after the
+    first step (or a resumed run's saved average) and is a copy of each parameter (its shard under FSDP). To
+    be evaluated or saved it is swapped into the module: `with ema.applied(): ...`. In a checkpoint it is the
+    module's full state dict with the averaged weights, under "ema", which model.load_tokenizer prefers, as
+    the official scripts do."""
     def __init__(self, module, decay):
         self.module, self.decay, self.avg = module, decay, None  # avg: None until the first update
 
     def weights(self):  # the module's parameters as plain tensors: under FSDP this process's shards, in place
-        return [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in self.module.parameters()]
+        return [p.detach().to_local() if isinstance(p, DTensor) else p.detach()
+                for p in self.module.parameters()]
 
     @torch.no_grad()
     def update(self):
@@ -618,8 +648,8 @@ def count(module):
 # torch.load(weights_only=True); read back with model.read_checkpoint), JSON, and the training log.
 
 def save_checkpoint(obj, path):
-    """Write obj to path atomically, from rank 0 only: a temporary file, flushed to disk, then moved into place,
-    so a crash while writing leaves the previous checkpoint intact."""
+    """Write obj to path atomically, from rank 0 only: a temporary file, flushed to disk, then moved into
+    place, so a crash while writing leaves the previous checkpoint intact."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -639,35 +669,39 @@ def save_checkpoint(obj, path):
 
 
 def save(path, parts, **extra):
-    """The checkpoint of a run: the full state dict of each of parts ({key: module, or (module, its optimizer)})
-    and the extra entries (step, config ...), written by save_checkpoint. Every process calls it (FSDP gathers)."""
+    """The checkpoint of a run: the full state dict of each of parts ({key: module, or (module, its
+    optimizer)}) and the extra entries (step, config ...), written by save_checkpoint. Every process calls it
+    (FSDP gathers)."""
     # plain dict, weights_only-readable
     save_checkpoint(dict({k: state_dict(p) for k, p in parts.items()}, **extra), path)
-    # FSDP: every process waits for the gathers to end before its next collective (without this, gloo was seen to
-    # pair another process's next all-gather with a pending one of the state dict: a size mismatch)
+    # FSDP: every process waits for the gathers to end before its next collective (without this, gloo was
+    # seen to pair another process's next all-gather with a pending one of the state dict: a size mismatch)
     barrier()
 
 
-# The same format with or without FSDP: a module's plain state dict, and an optimizer's as torch.optim writes it
-# (state keyed by parameter index), so that a sharded run resumes at another world size or in one process, and
-# model.load_tokenizer / load_gpt read it. FSDP's own (torch.distributed.checkpoint.state_dict) names the
+# The same format with or without FSDP: a module's plain state dict, and an optimizer's as torch.optim writes
+# it (state keyed by parameter index), so that a sharded run resumes at another world size or in one process,
+# and model.load_tokenizer / load_gpt read it. FSDP's own (torch.distributed.checkpoint.state_dict) names the
 # optimizer's parameters by their module paths instead: translated here, both ways.
 
 def state_dict(part):
-    """The full state dict of a module, or of the optimizer of a (module, optimizer) pair. Sharded: gathered onto
-    rank 0's CPU (the other processes get {}); every process must call it."""
+    """The full state dict of a module, or of the optimizer of a (module, optimizer) pair. Sharded: gathered
+    onto rank 0's CPU (the other processes get {}); every process must call it."""
     if isinstance(part, EMA):
         return part.state_dict()
     module, opt = part if isinstance(part, tuple) else (part, None)
     if not is_sharded(module):
         return (opt or module).state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if opt is None:
         return get_model_state_dict(module, options=options)
-    if not opt.state:  # before the first step: nothing to gather (DCP would first create zero moments for all)
+    # before the first step: nothing to gather (DCP would first create zero moments for all)
+    if not opt.state:
         return opt.state_dict() if dist.get_rank() == 0 else {}
-    # {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{"lr": ..., "params": [name, ...]}]}
+    # {"state": {name: {"step", "exp_avg", "exp_avg_sq"}},
+    #  "param_groups": [{"lr": ..., "params": [name, ...]}]}
     sd = get_optimizer_state_dict(module, opt, options=options)
     if not sd:  # not rank 0
         return sd
@@ -685,7 +719,8 @@ def load_state_dict(part, sd):
     module, opt = part if isinstance(part, tuple) else (part, None)
     if not is_sharded(module):
         return (opt or module).load_state_dict(sd)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True)  # strict: every tensor filled
     if opt is None:
         return set_model_state_dict(module, sd, options=options)
@@ -742,10 +777,11 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The memory plan: what each process will hold, before anything is allocated. The models are built on the meta
-# device (no memory, no init) and given fake tensors (shapes and dtypes, no data), so one forward and backward of
-# a micro-batch runs in seconds even at 2.9B parameters; what autograd saves for the backward is counted as it is
-# saved. The rest is arithmetic: fp32 weights, gradients and the two AdamW moments, 1/world of each under FSDP.
+# The memory plan: what each process will hold, before anything is allocated. The models are built on the
+# meta device (no memory, no init) and given fake tensors (shapes and dtypes, no data), so one forward and
+# backward of a micro-batch runs in seconds even at 2.9B parameters; what autograd saves for the backward is
+# counted as it is saved. The rest is arithmetic: fp32 weights, gradients and the two AdamW moments, 1/world
+# of each under FSDP.
 
 GiB = 2 ** 30
 
@@ -772,8 +808,8 @@ def is_weight_cast(t):
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return False
     fn = fn.next_functions[0][0]
-    while fn is not None and re.match(r"(Slice|Select|Split|SplitWithSizes|Unbind|View|T|Transpose|Permute|Expand|"
-                                      r"Reshape|Alias)Backward\d$", type(fn).__name__):
+    while fn is not None and re.match(r"(Slice|Select|Split|SplitWithSizes|Unbind|View|T|Transpose|Permute|"
+                                      r"Expand|Reshape|Alias)Backward\d$", type(fn).__name__):
         fn = fn.next_functions[0][0]  # through the views of the weight (an attention's in_proj cut in three)
     return type(fn).__name__ == "AccumulateGrad"
 
@@ -809,15 +845,17 @@ class CudaAutocastRules(torch.overrides.TorchFunctionMode):
 
 
 def saved_for_backward(net, step, mode, checkpointing=False):
-    """Run step() (one micro-batch's forward on fake tensors, returning the loss) and its backward, counting the
-    bytes autograd saves, once per storage: -> (activation bytes at their peak, bytes of autocast's low-precision
-    copies of the weights). Without checkpointing the peak is everything saved, at the end of the forward. With
-    it, a block of blocks(net) keeps only its inputs, and recomputes what it saves in the backward, when what was
-    saved after it is gone: the peak is the larger of the forward's end and the worst block's recomputation."""
+    """Run step() (one micro-batch's forward on fake tensors, returning the loss) and its backward, counting
+    the bytes autograd saves, once per storage: -> (activation bytes at their peak, bytes of autocast's
+    low-precision copies of the weights). Without checkpointing the peak is everything saved, at the end of
+    the forward. With it, a block of blocks(net) keeps only its inputs, and recomputes what it saves in the
+    backward, when what was saved after it is gone: the peak is the larger of the forward's end and the worst
+    block's recomputation."""
     key = lambda t: t.untyped_storage()._cdata  # one storage, however many views of it are saved
     weights = {key(p) for p in net.parameters()}  # counted as parameters, not as activations
     where, seen, seen_inputs, alive = [None], set(), set(), []
-    kept, inside, entered, casts = [], {}, {}, [0]  # kept: what a checkpointed run keeps (bytes, forward order)
+    # kept: what a checkpointed run keeps (bytes, forward order)
+    kept, inside, entered, casts = [], {}, {}, [0]
 
     def enter(i, args):
         where[0] = i
@@ -832,7 +870,8 @@ def saved_for_backward(net, step, mode, checkpointing=False):
         k = key(t)
         if k not in seen and k not in weights:
             seen.add(k)
-            alive.append(t)  # held (fake: no memory), so that no later storage can reuse its address as key
+            # held (fake: no memory), so that no later storage can reuse its address as key
+            alive.append(t)
             if is_weight_cast(t):
                 casts[0] += t.untyped_storage().nbytes()
             elif where[0] is None:  # outside every block: kept either way
@@ -861,9 +900,9 @@ def saved_for_backward(net, step, mode, checkpointing=False):
 
 def memory_plan(mode, net, step, world, fsdp, checkpointing, precision, micro, others=()):
     """Per-process bytes of training `net` (fake, from fake_modules, with its mode) over `world` processes:
-    {what: bytes}, with "total". step(): the forward of one micro-batch (`micro` images or sequences) under the
-    run's autocast, returning its loss. others: (name, parameter count, trained) for the networks beside it (a
-    discriminator trained unsharded: weights, gradients, AdamW; a frozen helper: weights only)."""
+    {what: bytes}, with "total". step(): the forward of one micro-batch (`micro` images or sequences) under
+    the run's autocast, returning its loss. others: (name, parameter count, trained) for the networks beside
+    it (a discriminator trained unsharded: weights, gradients, AdamW; a frozen helper: weights only)."""
     params = count(net)
     shards = world if fsdp and world > 1 else 1  # DDP (and one process): every process holds everything
     activations, casts = saved_for_backward(net, step, mode, checkpointing)
@@ -872,9 +911,12 @@ def memory_plan(mode, net, step, world, fsdp, checkpointing, precision, micro, o
     plan = {"parameters (fp32)": 4 * params / shards, "gradients (fp32)": 4 * params / shards,
             "AdamW moments (fp32)": 8 * params / shards,
             "buffers": sum(b.numel() * b.element_size() for b in net.buffers())}
-    if shards > 1:  # FSDP: the gathered weights of the root unit, and of two blocks at a time (prefetch), with the
-        units = [count(b) for b in blocks(net)]  # unsharded gradients of one
-        plan["gathered weights (FSDP)"] = (params - sum(units) + 2 * max(units)) * (2 if low else 4) + 4 * max(units)
+    # FSDP: the gathered weights of the root unit, and of two blocks at a time (prefetch), with the unsharded
+    # gradients of one
+    if shards > 1:
+        units = [count(b) for b in blocks(net)]
+        plan["gathered weights (FSDP)"] = ((params - sum(units) + 2 * max(units)) * (2 if low else 4)
+                                           + 4 * max(units))
     elif low:  # autocast's bf16 copies of the weights live from the forward to the backward
         # (under FSDP the gathered weights are bf16 already, and freed after each unit's forward)
         plan["bf16 weight copies (autocast)"] = casts
@@ -899,8 +941,8 @@ def measured_peak(device):
 
 def plan_only(cfg, plan):
     """--plan true: print plan(world, precision) once (rank 0 under torchrun) and allocate nothing. world is
-    --plan-world (0: this launch's); the device is --device or else CUDA, so that "auto" plans bf16: a plan is made
-    on a laptop, for the GPUs of a cluster."""
+    --plan-world (0: this launch's); the device is --device or else CUDA, so that "auto" plans bf16: a plan is
+    made on a laptop, for the GPUs of a cluster."""
     world = cfg.plan_world or int(os.environ.get("WORLD_SIZE", 1))
     if int(os.environ.get("RANK", 0)) == 0:
         print(plan(world, precision_for(cfg.precision, torch.device(cfg.device or "cuda"))))
@@ -908,9 +950,12 @@ def plan_only(cfg, plan):
 
 
 def describe_plan(plan, world, fsdp, precision):
-    """The plan as the line a run starts with: one figure per kind of memory, in GiB (MiB for a plan under 1 GiB)."""
-    mode = f"FSDP over {world}" if fsdp and world > 1 else (f"DDP over {world}" if world > 1 else "one process")
+    """The plan as the line a run starts with: one figure per kind of memory, in GiB (MiB for a plan under
+    1 GiB)."""
+    mode = (f"FSDP over {world}" if fsdp and world > 1
+            else (f"DDP over {world}" if world > 1 else "one process"))
     unit, name = (GiB, "GiB") if plan["total"] >= GiB else (2 ** 20, "MiB")  # a toy's plan in MiB
     return (f"memory plan per process ({mode}, {precision}; {name}): "
             + ", ".join(f"{k} {v / unit:.2f}" for k, v in plan.items() if k != "total")
-            + f"; total {plan['total'] / unit:.2f} {name} (before the allocator's slack and the CUDA context)")
+            + f"; total {plan['total'] / unit:.2f} {name}"
+              " (before the allocator's slack and the CUDA context)")
