@@ -269,22 +269,26 @@ def init_tokenizer(tok, path, master=True):
 
 
 def summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step):
-    """The start-up lines: what trains, on what, how (the numbers a run's log should begin with)."""
+    """The start-up lines: what trains, on what, how (the numbers a run's log should begin with), each short
+    enough for a terminal: the parameters of the tokenizer's parts have a line of their own."""
     parts = dict(cnn_encoder=tok.cnn_encoder, encoder=tok.encoder, decoder=tok.decoder, cnn_decoder=tok.cnn_decoder)
     count = runtime.count
     other = count(tok) - sum(count(m) for m in parts.values())
-    return (f"tokenizer {cfg.size}: {count(tok) / 1e6:.2f}M params (" + ", ".join(
-        f"{k} {count(m) / 1e6:.2f}M" for k, m in parts.items()) + f", quantizer+projections {other / 1e6:.3f}M; "
-        f"decoder includes the semantic head); discriminator {count(disc) / 1e6:.2f}M\n"
+    teacher_said = "%s (%.1fM, frozen)" % (cfg.teacher, count(teacher) / 1e6) if teacher else "off"
+    return "\n".join([
+        f"tokenizer {cfg.size}: {count(tok) / 1e6:.2f}M params, discriminator {count(disc) / 1e6:.2f}M; "
+        f"per part (the decoder with the semantic head):",
+        "  " + ", ".join(f"{k} {count(m) / 1e6:.2f}M" for k, m in parts.items())
+        + f", quantizer+projections {other / 1e6:.3f}M",
         f"data {cfg.data} ({train_set.layout}): {len(train_set)} training / {len(val_set)} held-out images of "
-        f"{len(train_set.classes)} classes at {tok.cfg.image_size}px; {cfg.batch_size} images per step = {world} processes x "
-        f"{cfg.grad_accum} micro-steps x {micro}; device {device}, {precision}\n"
-        f"teacher: {'%s (%.1fM, frozen)' % (cfg.teacher, count(teacher) / 1e6) if teacher else 'off'} "
-        f"(semantic weight {cfg.semantic_weight:g}); LPIPS: {'on' if lpips else 'off'} (perceptual weight "
-        f"{cfg.perceptual_weight:g}); steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup "
-        f"{cfg.warmup}, cosine to {cfg.end_lr:g}), weight average {cfg.ema or 'off'}, disc_start {cfg.disc_start}, "
-        f"aux_loss_end {cfg.aux_loss_end}"
-        + (f"; resuming from step {step}" if step else ""))
+        f"{len(train_set.classes)} classes at {tok.cfg.image_size}px",
+        f"{cfg.batch_size} images per step = {world} processes x {cfg.grad_accum} micro-steps x {micro}; "
+        f"device {device}, {precision}",
+        f"teacher: {teacher_said} (semantic weight {cfg.semantic_weight:g}); "
+        f"LPIPS: {'on' if lpips else 'off'} (perceptual weight {cfg.perceptual_weight:g})",
+        f"steps {step} -> {cfg.max_steps}, lr {cfg.lr:g} (warmup {cfg.warmup}, cosine to {cfg.end_lr:g})",
+        f"weight average {cfg.ema or 'off'}, disc_start {cfg.disc_start}, aux_loss_end {cfg.aux_loss_end}"
+        + (f"; resuming from step {step}" if step else "")])
 
 # parameter counts of the DINOv2 teachers (ViT-S/B/L/g with patch 14), for the memory plan, which loads none
 DINOV2_PARAMS = dict(dinov2_vits14=22.06e6, dinov2_vitb14=86.58e6, dinov2_vitl14=304.37e6, dinov2_vitg14=1136.48e6)
@@ -440,7 +444,9 @@ def main(cfg: TrainConfig):
     save = lambda: runtime.save(ckpt_path, parts, step=step, images_seen=step * cfg.batch_size, config=config)
     log = runtime.Logger(cfg.out_dir, master)
     log.say(summary(cfg, tok, disc, teacher, lpips, train_set, val_set, world, micro, device, precision, step))
-    if master:
+    # the plan informs where memory is scarce: on CUDA, beside the peak measured after the first step (a CPU run
+    # prints none; --plan prints it anywhere)
+    if master and device.type == "cuda":
         log.say(memory_plan(cfg, world, precision, teacher is not None, lpips is not None))
 
     # 2. the loop: a generator step (the tokenizer), then a discriminator step once the GAN has started
@@ -483,7 +489,7 @@ def main(cfg: TrainConfig):
             runtime.optimizer_step(opt_d, scaler_d, disc.parameters(), cfg.grad_clip, average=True)
         step += 1  # one optimizer step = batch_size images
         bar.update()
-        if step == first + 1 and master and device.type == "cuda":  # beside the memory plan printed above
+        if step == first + 1 and master and device.type == "cuda":  # beside the memory plan printed at start
             log.say(runtime.measured_peak(device))
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             img_per_s, t0, start = (step - start) * cfg.batch_size / (time.time() - t0), time.time(), step
