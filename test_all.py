@@ -1919,7 +1919,8 @@ def _said(fn, *args):
     return result, out.getvalue()
 
 
-def _one_line_error(fn, *args):
+def _said_error(fn, *args):
+    """fn(*args) as _said runs it must stop on a one-line runtime.UserError -> its message."""
     try:
         _said(fn, *args)
     except runtime.UserError as e:
@@ -2017,21 +2018,21 @@ def test_the_ladder_follows_the_tokenizer_data_and_refuses_to_mix_runs():
         assert results["reconstruction"]["images"] == 3
         # a second data set into the same folders: one line each, naming the way out; nothing trained
         G = _class_folder(os.path.join(d, "G"), ["ant", "bee"])
-        e = _one_line_error(train_tokenizer.main, dataclasses.replace(tok_cfg, data=G, max_steps=2))
+        e = _said_error(train_tokenizer.main, dataclasses.replace(tok_cfg, data=G, max_steps=2))
         assert "another dataset" in e and G in e and "--fresh" in e and "--out-dir" in e, e
         assert model.read_checkpoint(os.path.join(tok_dir, "ckpt.pt"))["step"] == 1
-        e = _one_line_error(train_ar.main, dataclasses.replace(ar_cfg, data=G, max_steps=3))
+        e = _said_error(train_ar.main, dataclasses.replace(ar_cfg, data=G, max_steps=3))
         assert "another dataset" in e and "--fresh" in e, e
         # the folder changed under the tokenizer: its classes are not the recorded ones
         os.rename(os.path.join(F, "zebra"), os.path.join(F, "yak"))
-        e = _one_line_error(evaluate.main, evaluate.EvalConfig(tokenizer=tok_path, **ev))
+        e = _said_error(evaluate.main, evaluate.EvalConfig(tokenizer=tok_path, **ev))
         assert "yak" in e and "zebra" in e, e
         os.rename(os.path.join(F, "yak"), os.path.join(F, "zebra"))
         # the tokenizer trained again: the AR model's codes are another tokenizer's
         _said(train_tokenizer.main, dataclasses.replace(tok_cfg, fresh=True, seed=1))
         for run in (lambda: sample.main(sample.SampleConfig(ckpt=ar_path, device="cpu")),
                     lambda: evaluate.main(evaluate.EvalConfig(ckpt=ar_path, **ev))):
-            e = _one_line_error(run)
+            e = _said_error(run)
             assert "is not the one whose codes" in e and "--fresh" in e, e
 
 
@@ -2098,7 +2099,7 @@ def test_checkpoint_urls_download_once_into_the_hub_cache():
                 ref = model.load_tokenizer(tok_path)
                 assert all(torch.equal(v, a.state_dict()[k]) and torch.equal(v, b.state_dict()[k])
                            for k, v in ref.state_dict().items())
-                e = _one_line_error(model.read_checkpoint, f"{server.url}/absent.pt")  # a 404: one line
+                e = _said_error(model.read_checkpoint, f"{server.url}/absent.pt")  # a 404: one line
                 assert "could not download" in e and "absent.pt" in e, e
         finally:
             if old is None:
@@ -2132,7 +2133,7 @@ def test_evaluate_reconstruct_puts_each_image_beside_its_reconstruction_with_its
             v = data.psnr(data.pixel_values(rec), data.pixel_values(x))[0]
             assert f"{p}: PSNR {v:.2f} dB" in said and abs(result["reconstruct"][p] - v) < 1e-9, said
         absent = os.path.join(d, "absent.png")
-        e = _one_line_error(evaluate.main, dataclasses.replace(cfg, reconstruct=(absent,)))
+        e = _said_error(evaluate.main, dataclasses.replace(cfg, reconstruct=(absent,)))
         assert "--reconstruct" in e and "absent.png" in e
 
 
@@ -2725,6 +2726,51 @@ def test_the_runner_counts_skipped_tests_in_its_closing_line():
         torch.cuda.device_count = count
     cuda_tests = [n for n in globals() if n.startswith("test_cuda_")]
     assert buf.getvalue().splitlines()[-1] == f"0 passed, 0 failed, {len(cuda_tests)} skipped", buf.getvalue()
+
+
+# ---- the words: README.md and EXPERIMENTS.md name real flags; the code cites what a reader can open ----
+
+def test_every_flag_in_the_readme_and_experiments_exists_in_its_script():
+    import bench
+    configs = dict(train_tokenizer=train_tokenizer.TrainConfig, train_ar=train_ar.ARConfig,
+                   sample=sample.SampleConfig, evaluate=evaluate.EvalConfig, bench=bench.BenchConfig)
+    flags = {s: {"--" + f.name.replace("_", "-") for f in dataclasses.fields(c)} | {"--help"}
+             for s, c in configs.items()}
+    # torchrun's and pip's own flags, written before the script's name or on a pip line
+    launcher = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv-backend",
+                "--rdzv-endpoint", "--index-url"}
+    known = set().union(*flags.values(), launcher)
+    checked = 0
+    for doc in ("README.md", "EXPERIMENTS.md"):
+        with open(os.path.join(REPO, doc)) as f:
+            text = f.read().replace("\\\n", " ")  # a command continued on the next line is one command
+        for line in text.splitlines():
+            # a command ends at a backtick (inline code), a shell separator or a comment
+            for part in re.split(r"`|&&|;|\|(?=\s)|\s#", line):
+                script = re.search(r"\b(\w+)\.py\b(.*)", part)
+                words = re.findall(r"(?<![\w-])--[a-z][\w-]*", script.group(2) if script else part)
+                for flag in words:
+                    name = script.group(1) if script and script.group(1) in flags else None
+                    assert flag in (flags[name] if name else known), \
+                        f"{doc}: {flag} is no flag of {name or 'any script'}: {line.strip()}"
+                    checked += 1
+    assert checked > 50, checked  # the check read the commands
+
+
+def _project_files():
+    return sorted(f for f in os.listdir(REPO) if f.endswith((".py", ".md", ".txt"))) + [".ci/run"]
+
+
+def test_no_python_line_over_110_characters_and_no_reference_a_reader_cannot_open():
+    # pytorch-fid's weights file carries TensorFlow's graph date in its name: a name, not a date of ours
+    allowed = "pt_inception-2015-12-05-6726825d.pth"
+    unopenable = re.compile(r"spec [0-9]|[Ii]ssue [0-9]|20[0-9][0-9]-[0-9][0-9]-[0-9][0-9]|shared/[n]otes")
+    for name in _project_files():
+        with open(os.path.join(REPO, name)) as f:
+            for i, line in enumerate(f, 1):
+                assert not unopenable.search(line.replace(allowed, "")), f"{name}:{i}: {line.strip()}"
+                if name.endswith(".py"):
+                    assert len(line.rstrip("\n")) <= 110, f"{name}:{i} is {len(line.rstrip())} characters"
 
 
 # ------------------------------------------------------------------------------------------------
