@@ -2736,9 +2736,9 @@ def test_every_flag_in_the_readme_and_experiments_exists_in_its_script():
                    sample=sample.SampleConfig, evaluate=evaluate.EvalConfig, bench=bench.BenchConfig)
     flags = {s: {"--" + f.name.replace("_", "-") for f in dataclasses.fields(c)} | {"--help"}
              for s, c in configs.items()}
-    # torchrun's and pip's own flags, written before the script's name or on a pip line
+    # torchrun's flags, written before the script's name, and pip's and docker's
     launcher = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv-backend",
-                "--rdzv-endpoint", "--index-url"}
+                "--rdzv-endpoint", "--index-url", "--shm-size", "--ipc"}
     known = set().union(*flags.values(), launcher)
     checked = 0
     for doc in ("README.md", "EXPERIMENTS.md"):
