@@ -975,10 +975,13 @@ def checkpoint_file(path):
         try:
             torch.hub.download_url_to_file(path, local, progress=True)
         except Exception as e:  # offline, a wrong address, a server error: one line
-            import runtime  # here, not at the top: runtime imports this module
             reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else ""
-            raise runtime.UserError(f"could not download {path} ({type(e).__name__}: {reason})") from None
+            raise DownloadError(f"could not download {path} ({type(e).__name__}: {reason})") from None
     return local
+
+
+class DownloadError(RuntimeError):
+    """A checkpoint URL that could not be fetched; runtime.run prints it as one line, as a user's error."""
 
 
 def read_checkpoint(path_or_state):

@@ -102,12 +102,13 @@ def check(cfg, rules):
 
 
 def run(main, cfg):
-    """The scripts' entry point: main(the config from the command line); a UserError is one line on stderr,
+    """The scripts' entry point: main(the config from the command line); a UserError (or a checkpoint URL that
+    could not be fetched) is one line on stderr,
     and so is Ctrl-C outside a training loop (inside one the trainer saves first: Interrupt), exit status 130
     (the shell's)."""
     try:
         main(parse_config(cfg))
-    except UserError as e:
+    except (UserError, model.DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
@@ -225,11 +226,14 @@ def all_reduce(t, op="sum"):
 
 
 def cleanup_distributed():
-    """Every process reaches this point before any tears its connections down: a gloo process destroying its
-    group while a peer is still mid-collective was seen to abort at exit ("terminate called without an active
-    exception")."""
+    """The end of a distributed run. Every process reaches it before any tears its connections down (the
+    barrier); then, for a moment without the GIL (the sleep), the collectives' worker threads release the last
+    collectives' tensors, which needs the GIL. Without that pause a gloo group whose destructor joined those
+    threads while this thread held the GIL (when DDP's reducer, which holds the group, was freed) deadlocked at
+    exit under load, or aborted ("terminate called without an active exception")."""
     if dist.is_initialized():
         dist.barrier()
+        time.sleep(0.5)
         dist.destroy_process_group()
 
 
