@@ -102,10 +102,9 @@ def check(cfg, rules):
 
 
 def run(main, cfg):
-    """The scripts' entry point: main(the config from the command line); a UserError (or a checkpoint URL that
-    could not be fetched) is one line on stderr,
-    and so is Ctrl-C outside a training loop (inside one the trainer saves first: Interrupt), exit status 130
-    (the shell's)."""
+    """The scripts' entry point: main(the config from the command line). A UserError, or a checkpoint URL that
+    could not be fetched, is one line on stderr (exit status 2), and so is Ctrl-C outside a training loop
+    (inside one the trainer saves first: Interrupt; exit status 130, the shell's)."""
     try:
         main(parse_config(cfg))
     except (UserError, model.DownloadError) as e:
