@@ -226,10 +226,10 @@ def all_reduce(t, op="sum"):
 
 def cleanup_distributed():
     """The end of a distributed run. Every process reaches it before any tears its connections down (the
-    barrier); then, for a moment without the GIL (the sleep), the collectives' worker threads release the last
-    collectives' tensors, which needs the GIL. Without that pause a gloo group whose destructor joined those
-    threads while this thread held the GIL (when DDP's reducer, which holds the group, was freed) deadlocked at
-    exit under load, or aborted ("terminate called without an active exception")."""
+    barrier); then, for a moment without the GIL (the sleep), the collectives' worker threads release the
+    last collectives' tensors, which needs the GIL. Without that pause a gloo group whose destructor joined
+    those threads while this thread held the GIL (when DDP's reducer, which holds the group, was freed)
+    deadlocked at exit under load, or aborted ("terminate called without an active exception")."""
     if dist.is_initialized():
         dist.barrier()
         time.sleep(0.5)

@@ -2141,7 +2141,7 @@ def test_evaluate_reconstruct_puts_each_image_beside_its_reconstruction_with_its
 
 
 def _torchrun_cli(n, *args, restarts=0):
-    """The scripts' own command line under torchrun -> the CompletedProcess; a run that hangs fails the test."""
+    """The scripts' own command line under torchrun -> the CompletedProcess; a hanging run fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            f"--max-restarts={restarts}", *args]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
