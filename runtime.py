@@ -589,6 +589,18 @@ class Interrupt:
             self.previous = None
         return self.requested
 
+    def end(self, save, say, step, path, fresh):
+        """After the loop: the previous handler back, and if Ctrl-C was pressed, save() the run at the step it
+        reached, say so in one line and exit with the shell's status for Ctrl-C (130). Rerunning the same command
+        (without --fresh) continues exactly."""
+        if not self.restore():
+            return
+        save()
+        say(f"interrupted at step {step}, saved {path}; run the same command"
+            f"{' without --fresh' if fresh else ''} to continue")
+        cleanup_distributed()
+        raise SystemExit(130)
+
 
 class EMA:
     """An exponential moving average of a module's weights (official --ema; DiT's update_ema): after each

@@ -499,12 +499,7 @@ def main(cfg: ARConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
-    if stop.restore():  # Ctrl-C: saved at the step reached, and the same command continues from there
-        save()
-        log.say(f"interrupted at step {step}, saved {ckpt_path}; run the same command"
-                f"{' without --fresh' if cfg.fresh else ''} to continue")
-        runtime.cleanup_distributed()
-        raise SystemExit(130)  # the shell's status for Ctrl-C
+    stop.end(save, log.say, step, ckpt_path, cfg.fresh)  # Ctrl-C: saved at the step reached, then exit
     val = evaluate() if val is None else val
     if master:
         print(f"validation cross-entropy {val:.4f} nats per code at step {step} (unigram entropy of the "

@@ -563,12 +563,7 @@ def main(cfg: TrainConfig):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save()
     bar.close()
-    if stop.restore():  # Ctrl-C: saved at the step reached, and the same command continues from there
-        save()
-        log.say(f"interrupted at step {step}, saved {ckpt_path}; run the same command"
-                f"{' without --fresh' if cfg.fresh else ''} to continue")
-        runtime.cleanup_distributed()
-        raise SystemExit(130)  # the shell's status for Ctrl-C
+    stop.end(save, log.say, step, ckpt_path, cfg.fresh)  # Ctrl-C: saved at the step reached, then exit
     if not runtime.on_rank0(os.path.exists(ckpt_path)) or (cfg.fresh and step == 0):  # max_steps 0: the init
         save()
     with averaged(), autocast:
