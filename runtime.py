@@ -590,9 +590,9 @@ class Interrupt:
         return self.requested
 
     def end(self, save, say, step, path, fresh):
-        """After the loop: the previous handler back, and if Ctrl-C was pressed, save() the run at the step it
-        reached, say so in one line and exit with the shell's status for Ctrl-C (130). Rerunning the same command
-        (without --fresh) continues exactly."""
+        """After the loop: the previous handler back, and if Ctrl-C was pressed, save() the run at the step
+        it reached, say so in one line and exit with the shell's status for Ctrl-C (130). Rerunning the same
+        command (without --fresh) continues exactly."""
         if not self.restore():
             return
         save()
