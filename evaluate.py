@@ -779,10 +779,11 @@ def main(cfg: EvalConfig):
         gpt = model.load_gpt(ckpt, device=device)
     # an AR checkpoint names its tokenizer
     tok_path = cfg.tokenizer or gpt_config.get("train", {}).get("tokenizer")
-    tok = model.load_tokenizer(tok_path, device=device) if tok_path else None  # eval mode, fp32 as official
+    tok_ckpt = model.read_checkpoint(tok_path) if tok_path else None  # read once: weights and config
+    tok = model.load_tokenizer(tok_ckpt, device=device) if tok_path else None  # eval mode, fp32 as official
     # --data "": what the tokenizer was trained on
     cfg, data_from, tok_classes = runtime.trained_data(
-        cfg, model.read_checkpoint(tok_path).get("config") if tok_path else None, "the tokenizer checkpoint")
+        cfg, tok_ckpt.get("config") if tok_path else None, "the tokenizer checkpoint")
     if cfg.ckpt and tok is not None:  # the probe's codes must be the tokenizer's whose codes the GPT learned
         check_tokenizer(tok, tok_path, gpt_config, cfg.ckpt)
 

@@ -415,10 +415,12 @@ def main(cfg: ARConfig):
         raise runtime.UserError(f"no tokenizer checkpoint at {cfg.tokenizer}: train one first "
                                 f"(`python train_tokenizer.py` for the toy), or pass --tokenizer <ours or an "
                                 f"official GigaTok checkpoint>")
-    tok = model.load_tokenizer(cfg.tokenizer, device=device)  # eval mode, frozen; encodes in fp32 as official
+    tok_ckpt = model.read_checkpoint(cfg.tokenizer)  # read once: the weights and what they were trained on
+    tok = model.load_tokenizer(tok_ckpt, device=device)  # eval mode, frozen; encodes in fp32 as official
     # --data "": the data the tokenizer was trained on, whose classes it recorded
-    tok_config = model.read_checkpoint(cfg.tokenizer).get("config")
-    cfg, data_from, tok_classes = runtime.trained_data(cfg, tok_config, "the tokenizer checkpoint")
+    cfg, data_from, tok_classes = runtime.trained_data(cfg, tok_ckpt.get("config"),
+                                                       "the tokenizer checkpoint")
+    del tok_ckpt
 
     # 1. the codes (training: ten crops of the 1.1x center crop; validation: the center crop), cached
     (codes, labels, meta), (val_codes, val_labels, _) = (
